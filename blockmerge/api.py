@@ -1,0 +1,86 @@
+"""The public Python API: `merge` and `methods`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .engine.plan import DEFAULT_BLOCK_BYTES
+from .engine.run import Job, Layout, Summary, check, execute
+from .engine.sinks import DEFAULT_SHARD_BYTES, infer_format, parse_size
+from .engine.sources import StoreCheckpoint, open_checkpoint, open_statistics
+from .errors import BlockmergeError
+from .plugins import Common, describe, get, parse_hyperparameters, registry
+
+Checkpointish = Mapping[str, torch.Tensor] | str | os.PathLike
+
+
+def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | None = None,
+          stats: Sequence[Any] | None = None, base_stats: Any = None, out: str | os.PathLike | None = None, *,
+          format: str | None = None, block_size: int | str = DEFAULT_BLOCK_BYTES, device: str = "cpu",
+          dtype: str | None = None, compute_dtype: str = "float32", resume: bool = False, overwrite: bool = False,
+          codec: str = "none", max_shard_size: int | str = DEFAULT_SHARD_BYTES, progress: bool = False,
+          **hyperparameters: Any) -> dict[str, torch.Tensor] | Summary:
+    """Merge fine-tuned checkpoints with a registered method, one parameter block at a time.
+
+    models, base: paths (safetensors, shard index, .bin/.pt, Hugging Face directory, blockmerge
+    store) or mappings of name -> tensor. stats: per model, a statistics store path or
+    {kind: path or mapping}. out: None returns the merged tensors; a path writes there atomically
+    (`.safetensors` file, or a directory in `format` store | safetensors | hf) and returns the
+    Summary. Hyperparameters use the canonical names of METHODS.md §16.
+    """
+    spec = get(method)
+    hp, common = parse_hyperparameters(spec, hyperparameters)
+    if isinstance(models, (str, os.PathLike, Mapping)) or len(models) == 0:
+        raise BlockmergeError("models must be a non-empty list of checkpoints")
+    opened = [open_checkpoint(m, f"models[{i}]") for i, m in enumerate(models)]
+    job = Job(
+        method=spec, hyperparameters=hp, common=common, models=opened,
+        base=open_checkpoint(base, "base") if base is not None else None,
+        stats=[open_statistics(s, f"stats[{i}]") for i, s in enumerate(stats or [])],
+        base_stats=open_statistics(base_stats, "base_stats") if base_stats is not None else {},
+        device=device, dtype=dtype, compute_dtype=compute_dtype, block_bytes=parse_size(block_size),
+        progress=progress,
+    )
+    layout = check(job)
+    out_format = infer_format(out, format) if out is not None else "store"
+    files = (job.base or job.models[0]).files
+    summary, tensors = execute(job, layout, out, out_format=out_format, codec=codec,
+                               shard_bytes=parse_size(max_shard_size), resume=resume, overwrite=overwrite,
+                               files=files)
+    return tensors if out is None else summary
+
+
+def methods() -> list[dict[str, Any]]:
+    """Every registered method: name, description, hyperparameters (type, default), statistics."""
+    return [describe(m) for _, m in sorted(registry().items())]
+
+
+def convert(source: Checkpointish, out: str | os.PathLike, *, format: str | None = None, codec: str = "none",
+            max_shard_size: int | str = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+            block_size: int | str = DEFAULT_BLOCK_BYTES, progress: bool = False) -> Summary:
+    """Copy a checkpoint bit-exactly into another format (store, safetensors, hf), block by block."""
+    ckpt = open_checkpoint(source, "source")
+    copier = get("average")
+    job = Job(method=copier, hyperparameters=copier.hyperparameters(), common=Common(), models=[ckpt],
+              block_bytes=parse_size(block_size), progress=progress)
+    layout = Layout(ckpt.specs, ckpt.specs, dict.fromkeys(ckpt.specs, "copy"), {}, frozenset())
+    summary, _ = execute(job, layout, out, out_format=infer_format(out, format), codec=codec,
+                         shard_bytes=parse_size(max_shard_size), overwrite=overwrite, files=ckpt.files)
+    return summary
+
+
+def inspect(source: Checkpointish) -> dict[str, Any]:
+    """Names, shapes, dtypes and sizes of a checkpoint (and the statistic kinds of a store)."""
+    ckpt = open_checkpoint(source, "source")
+    tensors = {n: {"shape": list(s.shape), "dtype": s.dtype, "bytes": s.nbytes} for n, s in ckpt.specs.items()}
+    info: dict[str, Any] = {"path": ckpt.label, "tensors": tensors,
+                            "total_bytes": sum(s.nbytes for s in ckpt.specs.values()),
+                            "files": [f.name for f in ckpt.files]}
+    if isinstance(ckpt, StoreCheckpoint):
+        info["kinds"] = sorted(ckpt.reader.kinds())
+        info["metadata"] = ckpt.reader.metadata
+    return info

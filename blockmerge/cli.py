@@ -1,0 +1,221 @@
+"""The `blockmerge` command line: flags and YAML configs mapped onto the public API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .engine.plan import DEFAULT_BLOCK_BYTES
+from .engine.run import Summary
+from .engine.sinks import FORMATS
+from .errors import BlockmergeError
+
+CONFIG_KEYS = {"method", "models", "base", "base_stats", "set", "out", "format", "block_size", "device", "dtype",
+               "compute_dtype", "codec", "max_shard_size"}
+
+
+def _errors(fn):
+    """Bad input: one line on stderr and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BlockmergeError as err:
+            click.echo(f"blockmerge: error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("blockmerge: interrupted (rerun with --resume to continue)", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _parse_pairs(items: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BlockmergeError(f"{option} expects NAME=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise BlockmergeError(f"cannot read config ({str(err).splitlines()[0]})", path=path) from None
+    if not isinstance(config, dict):
+        raise BlockmergeError("config must be a mapping", path=path)
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise BlockmergeError(f"unknown config key {unknown[0]!r} (valid: {', '.join(sorted(CONFIG_KEYS))})", path=path)
+
+    def resolve(p: Any) -> Any:
+        return str(path.parent / p) if isinstance(p, str) and not Path(p).is_absolute() else p
+
+    models, stats = [], []
+    for i, m in enumerate(config.get("models") or []):
+        if isinstance(m, dict):
+            if "path" not in m or set(m) - {"path", "stats"}:
+                raise BlockmergeError(f"models[{i}] must be a path or {{path, stats}}", path=path)
+            models.append(resolve(m["path"]))
+            stats.append(resolve(m.get("stats")))
+        else:
+            models.append(resolve(m))
+            stats.append(None)
+    config["models"] = models
+    config["stats"] = stats
+    for key in ("base", "base_stats", "out"):
+        if key in config:
+            config[key] = resolve(config[key])
+    if not isinstance(config.get("set", {}), dict):
+        raise BlockmergeError("config key 'set' must be a mapping of hyperparameters", path=path)
+    return config
+
+
+def print_summary(summaries: list[Summary]) -> None:
+    table = Table(title="blockmerge")
+    for col in ("method", "time (s)", "peak RSS (MiB)", "anon / file (MiB)", "peak GPU (MiB)", "read (MiB)",
+                "written (MiB)", "blocks", "passes", "merged", "copied", "averaged*"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    mib = 1024 * 1024
+    for s in summaries:
+        table.add_row(s.method, f"{s.seconds:.2f}", f"{s.peak_rss_bytes / mib:.0f}",
+                      f"{s.peak_rss_anon_bytes / mib:.0f} / {s.peak_rss_file_bytes / mib:.0f}",
+                      f"{s.peak_gpu_bytes / mib:.0f}", f"{s.bytes_read / mib:.1f}", f"{s.bytes_written / mib:.1f}",
+                      str(s.blocks), str(s.passes), str(s.tensors_merged), str(s.tensors_copied),
+                      str(s.tensors_averaged_missing_statistic))
+    Console(stderr=True, width=160).print(table)
+
+
+@click.group()
+@click.version_option(package_name="blockmerge")
+def main() -> None:
+    """Merge fine-tuned models of one architecture, one parameter block at a time."""
+
+
+@main.command()
+@click.option("-c", "--config", type=click.Path(path_type=Path), help="YAML config (flags override it).")
+@click.option("--method", "-m", help="Registered method name (see `blockmerge methods`).")
+@click.option("--base", help="Pretrained checkpoint.")
+@click.option("--model", "models", multiple=True, help="Fine-tuned checkpoint (repeat).")
+@click.option("--stats", "stats", multiple=True, help="INDEX=PATH: statistics store of model INDEX (0-based).")
+@click.option("--base-stats", help="Statistics store of the base.")
+@click.option("--set", "sets", multiple=True, help="Hyperparameter NAME=VALUE (canonical names).")
+@click.option("--out", "-o", help="Output: a .safetensors file or a directory.")
+@click.option("--format", type=click.Choice(FORMATS), help="Output format (default: from --out).")
+@click.option("--block-size", help=f"Bytes of inputs per block (default {DEFAULT_BLOCK_BYTES // 2**20}MiB).")
+@click.option("--device", help="cpu, cuda or cuda:N.")
+@click.option("--dtype", help="Output dtype of merged tensors (default: the models').")
+@click.option("--compute-dtype", help="float32 (default) or float64.")
+@click.option("--codec", help="Store compression: none, zstd, gzip, blosc.")
+@click.option("--max-shard-size", help="Shard safetensors outputs above this size (default 5GiB).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted merge into the same output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (atomically, when complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_errors
+def merge(config, method, base, models, stats, base_stats, sets, out, format, block_size, device, dtype,
+          compute_dtype, codec, max_shard_size, resume, overwrite, quiet) -> None:
+    """Merge checkpoints with a method and write the result."""
+    cfg = _load_config(config) if config else {"models": [], "stats": []}
+    flags = {"method": method, "base": base, "base_stats": base_stats, "out": out, "format": format,
+             "block_size": block_size, "device": device, "dtype": dtype, "compute_dtype": compute_dtype,
+             "codec": codec, "max_shard_size": max_shard_size}
+    cfg.update({k: v for k, v in flags.items() if v is not None})
+    if models:
+        cfg["models"], cfg["stats"] = list(models), [None] * len(models)
+    for index, path in _parse_pairs(stats, "--stats").items():
+        if not index.isdigit() or int(index) >= len(cfg["models"]):
+            raise BlockmergeError(f"--stats index {index!r} does not name one of the {len(cfg['models'])} models")
+        cfg["stats"][int(index)] = path
+    hyperparameters = {**(cfg.get("set") or {}), **_parse_pairs(sets, "--set")}
+    for key in ("method", "out"):
+        if not cfg.get(key):
+            raise BlockmergeError(f"missing --{key} (or '{key}:' in the config)")
+    given = [s for s in cfg["stats"] if s is not None]
+    if given and len(given) != len(cfg["stats"]):
+        raise BlockmergeError("statistics must be given for every model or none")
+    options = {k: cfg[k] for k in ("format", "block_size", "device", "dtype", "compute_dtype", "codec",
+                                   "max_shard_size") if cfg.get(k) is not None}
+    summary = api.merge(cfg["method"], cfg["models"], base=cfg.get("base"), stats=cfg["stats"] if given else None,
+                        base_stats=cfg.get("base_stats"), out=cfg["out"], resume=resume, overwrite=overwrite,
+                        progress=not quiet, **options, **hyperparameters)
+    if not quiet:
+        print_summary([summary])
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors
+def methods(as_json: bool) -> None:
+    """List merge methods, their hyperparameters (defaults) and statistics."""
+    items = api.methods()
+    if as_json:
+        click.echo(json.dumps(items, indent=1, default=str))
+        return
+    table = Table(title="merge methods")
+    for col in ("method", "hyperparameters (default)", "needs", "description"):
+        table.add_column(col)
+    for m in items:
+        hps = ", ".join(f"{n}={h['default']}" for n, h in m["hyperparameters"].items())
+        needs = ", ".join((["base"] if m["needs_base"] else []) + m["statistics"]
+                          + [f"{k} (optional)" for k in m["optional_statistics"]]
+                          + [f"base {k}" for k in m["base_statistics"]])
+        table.add_row(m["name"], hps, needs or "-", m["description"])
+    Console(width=160).print(table)
+
+
+@main.command("import")
+@click.argument("source")
+@click.argument("store")
+@click.option("--codec", default="none", help="none, zstd, gzip or blosc.")
+@click.option("--overwrite", is_flag=True)
+@_errors
+def import_(source: str, store: str, codec: str, overwrite: bool) -> None:
+    """Copy a checkpoint (safetensors, shards, .bin/.pt, HF directory) into a blockmerge store."""
+    summary = api.convert(source, store, format="store", codec=codec, overwrite=overwrite, progress=True)
+    click.echo(f"imported {summary.blocks} blocks, {summary.bytes_written / 2**20:.1f} MiB into {summary.output}")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("out")
+@click.option("--format", type=click.Choice(["safetensors", "hf"]), default=None,
+              help="safetensors (file or shards) or hf (shards + config/tokenizer files).")
+@click.option("--max-shard-size", default="5GiB")
+@click.option("--overwrite", is_flag=True)
+@_errors
+def export(store: str, out: str, format: str | None, max_shard_size: str, overwrite: bool) -> None:
+    """Copy a store (or any checkpoint) to safetensors or a Hugging Face directory."""
+    fmt = format or ("safetensors" if out.endswith(".safetensors") else "hf")
+    summary = api.convert(store, out, format=fmt, max_shard_size=max_shard_size, overwrite=overwrite, progress=True)
+    click.echo(f"exported {summary.bytes_written / 2**20:.1f} MiB to {summary.output}")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True)
+@_errors
+def inspect(path: str, as_json: bool) -> None:
+    """Names, shapes, dtypes and sizes of a checkpoint or store."""
+    info = api.inspect(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    table = Table(title=f"{info['path']} ({info['total_bytes'] / 2**20:.1f} MiB)")
+    for col in ("name", "shape", "dtype", "MiB"):
+        table.add_column(col, justify="right" if col == "MiB" else "left")
+    for name, t in info["tensors"].items():
+        table.add_row(name, "×".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['bytes'] / 2**20:.2f}")
+    Console(width=160).print(table)
+    if info.get("kinds"):
+        click.echo(f"kinds: {', '.join(info['kinds'])}")

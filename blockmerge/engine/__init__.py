@@ -1,0 +1,1 @@
+"""Sources, sinks, the block plan, devices, memory and execution. Knows no merge formula."""

@@ -1,0 +1,39 @@
+"""The block plan: which row ranges of which tensors are read, merged and written together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .tensors import TensorSpec
+
+DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """Rows start..stop of one tensor, and what happens to them (`merge`, `average` or `copy`)."""
+
+    name: str
+    start: int
+    stop: int
+    action: str
+
+
+def row_blocks(spec: TensorSpec, input_row_bytes: int, budget: int, align: int) -> list[tuple[int, int]]:
+    """Row ranges of a tensor whose inputs stay within `budget` bytes, cut at multiples of `align` rows."""
+    rows = spec.rows
+    per_block = max(1, budget // max(1, input_row_bytes))
+    if per_block >= align:
+        per_block -= per_block % align
+    return [(start, min(rows, start + per_block)) for start in range(0, rows, per_block)] or [(0, 0)]
+
+
+def plan(specs: dict[str, TensorSpec], actions: dict[str, str], input_row_bytes: dict[str, int],
+         budget: int, align: dict[str, int], whole: set[str]) -> list[BlockRef]:
+    """Blocks in name order; tensors in `whole` are never cut."""
+    out = []
+    for name in sorted(specs):
+        spec = specs[name]
+        ranges = [(0, spec.rows)] if name in whole else row_blocks(spec, input_row_bytes[name], budget, align[name])
+        out.extend(BlockRef(name, a, b, actions[name]) for a, b in ranges)
+    return out

@@ -1,0 +1,487 @@
+"""Runs a merge: checks every input before reading data, then streams blocks through the method."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import BlockmergeError
+from ..plugins import Block, Common, Method, get
+from . import memory
+from .output import Output, _os_error
+from .plan import BlockRef, plan
+from .sinks import DictSink, Sink, open_sink
+from .sources import Checkpoint, MappingCheckpoint, SafetensorsCheckpoint, StoreCheckpoint, TorchCheckpoint
+from .store import chunk_rows
+from .tensors import FLOATING, TensorSpec, itemsize, tensor_bytes, torch_dtype
+
+# Shape of a statistic of parameter `p`, by kind; None: the parameter's own shape.
+STAT_SHAPES = {
+    "fisher": None,
+    "trimmed": None,
+    "gram_in": lambda s: (s[1], s[1]) if len(s) == 2 else None,
+    "gram_out": lambda s: (s[0], s[0]) if len(s) == 2 else None,
+    "blockwise_fisher": lambda s: (s[0], s[0]) if len(s) == 1 else None,
+}
+FAULT_ENV = "BLOCKMERGE_FAULT_AFTER_BLOCKS"  # tests: SIGKILL this process after writing N blocks
+
+
+@dataclass
+class Job:
+    """Everything a merge needs, already opened (nothing read yet)."""
+
+    method: Method
+    hyperparameters: Any
+    common: Common
+    models: list[Checkpoint]
+    base: Checkpoint | None = None
+    stats: list[dict[str, Checkpoint]] = field(default_factory=list)
+    base_stats: dict[str, Checkpoint] = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: str | None = None
+    compute_dtype: str = "float32"
+    block_bytes: int = 64 * 1024 * 1024
+    progress: bool = False
+
+
+@dataclass
+class Summary:
+    """What a merge did and what it cost."""
+
+    method: str
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_rss_anon_bytes: int = 0
+    peak_rss_file_bytes: int = 0
+    peak_gpu_bytes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    blocks: int = 0
+    passes: int = 0
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    tensors_averaged_missing_statistic: int = 0
+    blocks_resumed: int = 0
+    output: str | None = None
+
+
+@dataclass
+class Layout:
+    """What happens to each tensor, decided before any data is read."""
+
+    specs: dict[str, TensorSpec]
+    out_specs: dict[str, TensorSpec]
+    actions: dict[str, str]
+    stat_kinds: dict[str, tuple[str, ...]]
+    used_kinds: frozenset[str]
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BlockmergeError(f"unknown device {name!r} (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BlockmergeError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BlockmergeError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif device.type != "cpu":
+        raise BlockmergeError(f"unsupported device {name!r} (cpu, cuda or cuda:N)")
+    return device
+
+
+def check(job: Job) -> Layout:
+    """Validate names, shapes, dtypes, statistics and options; decide each tensor's action."""
+    method = job.method
+    if len(job.models) < max(1, method.min_models):
+        raise BlockmergeError(f"{method.name} needs at least {max(1, method.min_models)} models, got {len(job.models)}")
+    if method.needs_base and job.base is None:
+        raise BlockmergeError(f"{method.name} needs a base (pretrained) checkpoint: pass base= / --base")
+    if method.check is not None:
+        try:
+            method.check(job.hyperparameters, len(job.models))
+        except ValueError as err:
+            raise BlockmergeError(f"{method.name}: {err}") from None
+    if job.dtype is not None and job.dtype not in FLOATING:
+        raise BlockmergeError(f"unknown output dtype {job.dtype!r} (choose from {', '.join(sorted(FLOATING))})")
+    if job.compute_dtype not in ("float32", "float64"):
+        raise BlockmergeError(f"compute dtype must be float32 or float64, got {job.compute_dtype!r}")
+    _device(job.device)
+    try:
+        excludes = [re.compile(p) for p in job.common.exclude]
+    except re.error as err:
+        raise BlockmergeError(f"exclude: bad regular expression ({err})") from None
+
+    reference = job.models[0]
+    specs = reference.specs
+    for other in [*job.models[1:], *([job.base] if job.base else [])]:
+        for name in sorted(set(specs) | set(other.specs)):
+            if name not in other.specs:
+                raise BlockmergeError(f"missing (present in {reference.label})", path=other.label, param=name)
+            if name not in specs:
+                raise BlockmergeError(f"not in {reference.label}", path=other.label, param=name)
+            a, b = specs[name], other.specs[name]
+            if a.shape != b.shape:
+                raise BlockmergeError(f"shape {list(b.shape)} does not match {list(a.shape)} in {reference.label}",
+                                      path=other.label, param=name)
+            if a.dtype != b.dtype:
+                raise BlockmergeError(f"dtype {b.dtype} does not match {a.dtype} in {reference.label}",
+                                      path=other.label, param=name)
+    if len(job.stats) not in (0, len(job.models)):
+        raise BlockmergeError(f"statistics given for {len(job.stats)} models, there are {len(job.models)}")
+    supplied = [set(s) for s in job.stats] or [set() for _ in job.models]
+    for kind in method.statistics:
+        for t, kinds in enumerate(supplied):
+            if kind not in kinds:
+                raise BlockmergeError(f"{method.name} reads {kind!r} statistics; none given for model {t} "
+                                      f"({job.models[t].label})")
+    for kind in method.base_statistics:
+        if kind not in job.base_stats:
+            raise BlockmergeError(f"{method.name} reads {kind!r} statistics of the base; none given")
+    optional = {k for k in method.optional_statistics if all(k in s for s in supplied)}
+    used = frozenset(method.statistics) | frozenset(optional)
+    for ckpts in [*job.stats, job.base_stats]:
+        for kind, ckpt in ckpts.items():
+            _check_statistic(kind, ckpt, specs)
+
+    actions, stat_kinds, out_specs = {}, {}, {}
+    for name, spec in specs.items():
+        out_dtype = (job.dtype or spec.dtype) if spec.floating else spec.dtype
+        out_specs[name] = TensorSpec(spec.shape, out_dtype)
+        if not spec.floating or any(p.search(name) for p in excludes):
+            actions[name] = "copy"
+            continue
+        present = {k: [k in s and name in s[k].specs for s in job.stats] for k in used}
+        for kind, flags in present.items():
+            if any(flags) and not all(flags):
+                t = flags.index(False)
+                raise BlockmergeError(f"no {kind!r} statistic for model {t} ({job.models[t].label}) "
+                                      "while other models have one", param=name)
+        for kind in method.base_statistics:
+            if name not in job.base_stats[kind].specs and job.common.missing_statistic == "error":
+                raise BlockmergeError(f"no {kind!r} statistic of the base", param=name)
+        missing = [k for k in method.statistics if not all(present[k])]
+        missing += [k for k in method.base_statistics if name not in job.base_stats[k].specs]
+        if missing:
+            if job.common.missing_statistic == "error":
+                raise BlockmergeError(f"no {missing[0]!r} statistic (missing_statistic=error)", param=name)
+            actions[name] = "average"
+            continue
+        actions[name] = "merge"
+        stat_kinds[name] = tuple(sorted(k for k in used if all(present[k])))
+    return Layout(specs, out_specs, actions, stat_kinds, used)
+
+
+def _check_statistic(kind: str, ckpt: Checkpoint, specs: dict[str, TensorSpec]) -> None:
+    for name, spec in ckpt.specs.items():
+        if name not in specs:
+            raise BlockmergeError(f"{kind!r} statistic for a parameter the models do not have", path=ckpt.label,
+                                  param=name)
+        rule = STAT_SHAPES[kind]
+        expected = specs[name].shape if rule is None else rule(specs[name].shape)
+        if expected is None:
+            raise BlockmergeError(f"{kind!r} statistics do not apply to a tensor of shape {list(specs[name].shape)}",
+                                  path=ckpt.label, param=name)
+        if spec.shape != tuple(expected):
+            raise BlockmergeError(f"{kind!r} statistic has shape {list(spec.shape)}, expected {list(expected)}",
+                                  path=ckpt.label, param=name)
+        if not spec.floating:
+            raise BlockmergeError(f"{kind!r} statistic has dtype {spec.dtype}, expected a float type",
+                                  path=ckpt.label, param=name)
+
+
+@dataclass
+class _Raw:
+    """One block's inputs as read from disk (CPU tensors in their stored dtypes)."""
+
+    ref: BlockRef
+    models: list[torch.Tensor]
+    base: torch.Tensor | None
+    stats: dict[str, list[torch.Tensor]]
+    base_stats: dict[str, torch.Tensor]
+    nbytes: int
+
+
+class _Engine:
+    def __init__(self, job: Job, layout: Layout):
+        self.job, self.layout = job, layout
+        self.device = _device(job.device)
+        self.compute = torch_dtype(job.compute_dtype)
+        self.summary = Summary(method=job.method.name)
+        self.input_hashes: dict[tuple[int, str], Any] | None = None
+        self.labels = [m.label for m in job.models] + ([job.base.label] if job.base else [])
+        self.peak_parts = (0, 0)  # (anonymous, file-backed) resident bytes, sampled after each block
+
+    def _inputs(self, ref: BlockRef) -> tuple[list[int], bool]:
+        """Which models and whether the base are read for a block."""
+        job = self.job
+        if ref.action == "copy":
+            return ([], True) if job.base is not None else ([0], False)
+        return list(range(len(job.models))), ref.action == "merge" and job.base is not None and (
+            job.method.needs_base or job.method.base_statistics != ())
+
+    def _read(self, ckpt: Checkpoint, index: int, name: str, start: int, stop: int) -> torch.Tensor:
+        t = ckpt.read(name, start, stop)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BlockmergeError("contains NaN or Inf", path=ckpt.label, param=name)
+        if self.input_hashes is not None and index >= 0:
+            key = (index, name)
+            if key not in self.input_hashes:
+                self.input_hashes[key] = hashlib.sha256()
+            self.input_hashes[key].update(tensor_bytes(t))
+            total_rows = ckpt.specs[name].rows
+            if (stop if t.dim() else 1) >= total_rows and ckpt.checksum(name):
+                if self.input_hashes[key].hexdigest() != ckpt.checksum(name):
+                    raise BlockmergeError("checksum mismatch: the stored data is corrupt", path=ckpt.label, param=name)
+        return t
+
+    def read(self, ref: BlockRef) -> _Raw:
+        job = self.job
+        models, with_base = self._inputs(ref)
+        rows = (ref.start, ref.stop)
+        raw_models = [self._read(job.models[t], t, ref.name, *rows) for t in models]
+        base = self._read(job.base, len(job.models), ref.name, *rows) if with_base else None
+        stats, base_stats = {}, {}
+        if ref.action == "merge":
+            shape = self.layout.specs[ref.name].shape
+            for kind in self.layout.stat_kinds[ref.name]:
+                stats[kind] = [self._read_stat(s[kind], ref, shape) for s in job.stats]
+            for kind in job.method.base_statistics:
+                base_stats[kind] = self._read_stat(job.base_stats[kind], ref, shape)
+        nbytes = sum(t.numel() * t.element_size() for t in [*raw_models, *([base] if base is not None else []),
+                                                             *(x for v in stats.values() for x in v),
+                                                             *base_stats.values()])
+        return _Raw(ref, raw_models, base, stats, base_stats, nbytes)
+
+    def _read_stat(self, ckpt: Checkpoint, ref: BlockRef, shape: tuple[int, ...]) -> torch.Tensor:
+        spec = ckpt.specs[ref.name]
+        start, stop = (ref.start, ref.stop) if spec.shape == shape else (0, spec.rows)
+        return self._read(ckpt, -1, ref.name, start, stop)
+
+    def blocks(self, refs: list[BlockRef], desc: str) -> Iterator[_Raw]:
+        """Blocks read one ahead on a background thread, in plan order."""
+        total = sum(self._ref_bytes(r) for r in refs)
+        bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.job.progress, leave=False)
+        with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-read") as pool:
+            pending = pool.submit(self.read, refs[0]) if refs else None
+            for i in range(len(refs)):
+                raw = pending.result()
+                pending = pool.submit(self.read, refs[i + 1]) if i + 1 < len(refs) else None
+                self.summary.bytes_read += raw.nbytes
+                bar.update(raw.nbytes)
+                yield raw
+        bar.close()
+
+    def _ref_bytes(self, ref: BlockRef) -> int:
+        models, with_base = self._inputs(ref)
+        spec = self.layout.specs[ref.name]
+        row = spec.row_numel * itemsize(spec.dtype)
+        return (len(models) + with_base) * row * (ref.stop - ref.start)
+
+    def to_block(self, raw: _Raw) -> Block:
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True).to(self.compute)
+
+        ref, spec = raw.ref, self.layout.specs[raw.ref.name]
+        return Block(ref.name, ref.start, ref.stop, spec.shape, [dev(m) for m in raw.models],
+                     dev(raw.base) if raw.base is not None else None,
+                     {k: [dev(x) for x in v] for k, v in raw.stats.items()},
+                     {k: dev(v) for k, v in raw.base_stats.items()})
+
+    def compute_block(self, raw: _Raw, state: dict) -> torch.Tensor:
+        ref = raw.ref
+        out_dtype = torch_dtype(self.layout.out_specs[ref.name].dtype)
+        if ref.action == "copy":
+            source = raw.base if raw.base is not None else raw.models[0]
+            return source.to(out_dtype)
+        block = self.to_block(raw)
+        method = self.job.method if ref.action == "merge" else get("average")
+        hp = self.job.hyperparameters if ref.action == "merge" else method.hyperparameters()
+        result = method.merge(block, hp, state)
+        expected = block.models[0].shape
+        if tuple(result.shape) != tuple(expected):
+            raise BlockmergeError(f"{method.name} returned shape {list(result.shape)} for a block of shape "
+                                  f"{list(expected)}", param=ref.name)
+        if not bool(torch.isfinite(result).all()):
+            raise BlockmergeError(f"{method.name} produced NaN or Inf (check the hyperparameters and statistics)",
+                                  param=ref.name)
+        return result.to(out_dtype).cpu().contiguous()
+
+
+def _identity(ckpt: Checkpoint) -> list:
+    """What identifies an input for resuming: its files' sizes and times (in-memory inputs never match)."""
+    if isinstance(ckpt, MappingCheckpoint):
+        return [ckpt.label, uuid.uuid4().hex]
+    paths: set[Path] = set()
+    if isinstance(ckpt, SafetensorsCheckpoint):
+        paths = {f.path for f in ckpt._file_of.values()}
+    elif isinstance(ckpt, StoreCheckpoint):
+        paths = {ckpt.reader.path / "blockmerge.json"}
+    elif isinstance(ckpt, TorchCheckpoint):
+        paths = {Path(ckpt.label)}
+    return [ckpt.label, sorted((str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)]
+
+
+def request_of(job: Job, layout: Layout, out_format: str, extra: dict) -> dict:
+    """The description a resumed run must match exactly."""
+    return {
+        "blockmerge": __version__, "method": job.method.name,
+        "hyperparameters": _jsonable(dataclasses.asdict(job.hyperparameters)),
+        "common": _jsonable(dataclasses.asdict(job.common)),
+        "models": [_identity(m) for m in job.models], "base": _identity(job.base) if job.base else None,
+        "stats": [{k: _identity(c) for k, c in sorted(s.items())} for s in job.stats],
+        "base_stats": {k: _identity(c) for k, c in sorted(job.base_stats.items())},
+        "dtype": job.dtype, "compute_dtype": job.compute_dtype, "block_bytes": job.block_bytes,
+        "format": out_format, **extra,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, out_format: str = "store",
+            codec: str = "none", shard_bytes: int = 0, resume: bool = False, overwrite: bool = False,
+            files: list[Path] | None = None) -> tuple[Summary, dict[str, torch.Tensor] | None]:
+    """Run the method's passes and the merge; write to `out` (atomically) or return the tensors."""
+    start_time = time.perf_counter()
+    engine = _Engine(job, layout)
+    summary = engine.summary
+    align = {n: chunk_rows(s) if out_format == "store" else 1 for n, s in layout.out_specs.items()}
+    row_bytes = {}
+    for name, spec in layout.specs.items():
+        refs_inputs = engine._inputs(BlockRef(name, 0, 1, layout.actions[name]))
+        same_shape = sum(1 for k in layout.stat_kinds.get(name, ()) if STAT_SHAPES[k] is None) * len(job.stats)
+        row_bytes[name] = spec.row_numel * itemsize(spec.dtype) * (len(refs_inputs[0]) + refs_inputs[1]) \
+            + spec.row_numel * 4 * same_shape
+    whole = set() if job.method.row_blocks else {n for n, a in layout.actions.items() if a == "merge"}
+    refs = plan(layout.specs, layout.actions, row_bytes, job.block_bytes, align, whole)
+    output = None
+    if out is not None:
+        extra = {"codec": codec, "shard_bytes": shard_bytes}
+        output = Output(out, request_of(job, layout, out_format, extra), resume=resume, overwrite=overwrite)
+    try:
+        sink: Sink
+        if output is None:
+            sink = DictSink(layout.out_specs)
+        else:
+            sink = open_sink(output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
+                             files=files or [], create=not output.resumed)
+        state = _run_passes(engine, refs)
+        checksums = _merge_pass(engine, refs, sink, state, output)
+        summary.tensors_merged = sum(a == "merge" for a in layout.actions.values())
+        summary.tensors_copied = sum(a == "copy" for a in layout.actions.values())
+        summary.tensors_averaged_missing_statistic = sum(a == "average" for a in layout.actions.values())
+        summary.blocks = len(refs)
+        if output is not None:
+            sink.seal(checksums, _provenance(job, engine, checksums))
+            output.commit()
+            summary.output = str(output.out)
+    except KeyboardInterrupt:
+        if output is not None:
+            output.suspend()
+        raise
+    except BaseException as err:
+        if output is not None:
+            output.abort()
+        if isinstance(err, OSError):
+            raise _os_error(err, Path(out)) from None
+        raise
+    parts = engine.peak_parts
+    summary.seconds = time.perf_counter() - start_time
+    summary.peak_rss_bytes = memory.peak_rss_bytes()
+    summary.peak_rss_anon_bytes, summary.peak_rss_file_bytes = parts
+    summary.peak_gpu_bytes = memory.peak_gpu_bytes(engine.device)
+    return summary, (sink.tensors if isinstance(sink, DictSink) else None)
+
+
+def _sample_memory(engine: _Engine) -> None:
+    parts = memory.rss_parts()
+    anon, file = engine.peak_parts
+    engine.peak_parts = (max(anon, parts.get("RssAnon", 0)), max(file, parts.get("RssFile", 0)))
+
+
+def _run_passes(engine: _Engine, refs: list[BlockRef]) -> dict:
+    job = engine.job
+    state: dict = {}
+    passes = job.method.passes(job.hyperparameters, engine.layout.used_kinds)
+    merge_refs = [r for r in refs if r.action == "merge"]
+    for i, p in enumerate(passes):
+        acc = None
+        for raw in engine.blocks(merge_refs, f"pass {i + 1}/{len(passes)}"):
+            block = engine.to_block(raw)
+            acc = p.fold(acc, p.map(block, job.hyperparameters, state), block)
+            _sample_memory(engine)
+        state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, state))
+    engine.summary.passes = len(passes) + 1
+    return state
+
+
+def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, output: Output | None) -> dict:
+    engine.input_hashes = {}
+    out_hashes: dict[str, Any] = {}
+    fault_after = int(os.environ.get(FAULT_ENV, "0"))
+    written = 0
+    for raw in engine.blocks(refs, engine.job.method.name):
+        ref = raw.ref
+        hasher = out_hashes.setdefault(ref.name, hashlib.sha256())
+        key = (ref.name, ref.start, ref.stop)
+        if output is not None and key in output.done:
+            existing = sink.read(*key).contiguous()
+            if hashlib.sha256(tensor_bytes(existing)).hexdigest() == output.done[key]:
+                hasher.update(tensor_bytes(existing))
+                engine.summary.blocks_resumed += 1
+                continue
+        result = engine.compute_block(raw, state)
+        sink.write(ref.name, ref.start, result)
+        data = tensor_bytes(result)
+        hasher.update(data)
+        engine.summary.bytes_written += len(data)
+        if output is not None:
+            output.record(ref.name, ref.start, ref.stop, hashlib.sha256(data).hexdigest())
+        _sample_memory(engine)
+        written += 1
+        if fault_after and written >= fault_after:
+            os.kill(os.getpid(), 9)
+    return {n: h.hexdigest() for n, h in out_hashes.items()}
+
+
+def _provenance(job: Job, engine: _Engine, checksums: dict[str, str]) -> dict:
+    per_input: dict[int, list[str]] = {}
+    for (index, name), h in sorted(engine.input_hashes.items()):
+        per_input.setdefault(index, []).append(f"{name}:{h.hexdigest()}")
+    inputs = []
+    for index, label in enumerate(engine.labels):
+        role = "base" if index == len(job.models) else "model"
+        digest = hashlib.sha256("\n".join(per_input.get(index, [])).encode()).hexdigest()
+        inputs.append({"role": role, "path": label, "sha256_of_tensors_read": digest})
+    return {
+        "blockmerge": __version__,
+        "method": job.method.name,
+        "hyperparameters": _jsonable(dataclasses.asdict(job.hyperparameters)),
+        "common": _jsonable(dataclasses.asdict(job.common)),
+        "inputs": inputs,
+        "statistics": [{k: c.label for k, c in sorted(s.items())} for s in job.stats],
+        "base_statistics": {k: c.label for k, c in sorted(job.base_stats.items())},
+        "output_sha256": hashlib.sha256("\n".join(f"{n}:{c}" for n, c in sorted(checksums.items())).encode())
+        .hexdigest(),
+        "dtype": job.dtype, "compute_dtype": job.compute_dtype,
+    }

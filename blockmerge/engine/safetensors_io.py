@@ -1,0 +1,195 @@
+"""Safetensors files read by row range and written block by block, without mapping them.
+
+Reads use `pread` into fresh buffers, so the file's pages never count in this process's
+memory; writes lay out the header first and `pwrite` each block at its offset, so a file
+larger than memory is written without holding it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from ..errors import BlockmergeError
+from .tensors import TensorSpec, from_safetensors_code, itemsize, safetensors_code, tensor_bytes, torch_dtype
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate tensor name {key!r}")
+        out[key] = value
+    return out
+
+
+def read_header(path: Path, fd: int) -> tuple[dict[str, tuple[TensorSpec, int]], dict[str, str], int]:
+    """Validate a safetensors header: {name: (spec, absolute data offset)}, metadata, file size."""
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise BlockmergeError("not a safetensors file (shorter than its 8-byte header length)", path=path)
+    (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+        raise BlockmergeError(f"corrupt or truncated safetensors file (header length {header_len} "
+                              f"does not fit in a file of {size} bytes)", path=path)
+    raw = os.pread(fd, header_len, 8)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BlockmergeError(f"corrupt safetensors header ({err})", path=path) from None
+    if not isinstance(header, dict):
+        raise BlockmergeError("corrupt safetensors header (not a JSON object)", path=path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BlockmergeError("corrupt safetensors header (__metadata__ must map strings to strings)", path=path)
+    data_start = 8 + header_len
+    data_len = size - data_start
+    entries: dict[str, tuple[TensorSpec, int]] = {}
+    spans = []
+    for name, info in header.items():
+        if not name:
+            raise BlockmergeError("corrupt safetensors header (empty tensor name)", path=path)
+        try:
+            dtype = from_safetensors_code(info["dtype"])
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            valid = (all(isinstance(d, int) and d >= 0 for d in shape)
+                     and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+        except (KeyError, TypeError, ValueError):
+            valid, dtype = False, None
+        if not valid:
+            raise BlockmergeError("corrupt safetensors header (bad dtype, shape or data_offsets)",
+                                  path=path, param=name)
+        if dtype is None:
+            raise BlockmergeError(f"unsupported dtype {info['dtype']!r}", path=path, param=name)
+        spec = TensorSpec(shape, dtype)
+        if end - begin != spec.nbytes:
+            raise BlockmergeError(f"corrupt safetensors header (data_offsets span {end - begin} bytes, "
+                                  f"shape {list(shape)} of {dtype} needs {spec.nbytes})", path=path, param=name)
+        if end > data_len:
+            raise BlockmergeError(f"truncated safetensors file (data ends at byte {data_start + end}, "
+                                  f"file has {size})", path=path, param=name)
+        spans.append((begin, end, name))
+        entries[name] = (spec, data_start + begin)
+    spans.sort()
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise BlockmergeError(f"corrupt safetensors header (data of {name_a!r} overlaps {name_b!r})", path=path)
+    return entries, metadata, size
+
+
+def pread_exact(fd: int, buffer: memoryview, offset: int, path: Path, param: str) -> None:
+    """Fill `buffer` from `offset`, or fail naming the file if it ends first."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            raise BlockmergeError("truncated file (ended while reading)", path=path, param=param)
+        done += n
+
+
+class SafetensorsFile:
+    """One safetensors file, read by row ranges."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as err:
+            raise BlockmergeError(f"cannot open ({err.strerror})", path=self.path) from None
+        try:
+            self.entries, self.metadata, self.size = read_header(self.path, self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        spec, offset = self.entries[name]
+        row_bytes = spec.row_numel * itemsize(spec.dtype)
+        shape = ((stop - start),) + spec.shape[1:] if spec.shape else ()
+        out = torch.empty(shape, dtype=torch_dtype(spec.dtype))
+        if out.numel():
+            pread_exact(self._fd, tensor_bytes(out), offset + start * row_bytes, self.path, name)
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
+
+
+def header_bytes(specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None,
+                 reserve: int = 0) -> tuple[bytes, dict[str, int]]:
+    """The encoded header (with `reserve` spare bytes, padded to 8) and each tensor's absolute data offset."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offsets, cursor = {}, 0
+    for name in sorted(specs):
+        spec = specs[name]
+        header[name] = {"dtype": safetensors_code(spec.dtype), "shape": list(spec.shape),
+                        "data_offsets": [cursor, cursor + spec.nbytes]}
+        offsets[name] = cursor
+        cursor += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode() + b" " * reserve
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {k: start + v for k, v in offsets.items()}
+
+
+class SafetensorsWriter:
+    """A safetensors file whose tensors are written in row blocks, in any order."""
+
+    def __init__(self, path: str | os.PathLike, specs: dict[str, TensorSpec],
+                 metadata: dict[str, str] | None = None, *, create: bool = True, reserve: int = 0):
+        self.path = Path(path)
+        self.specs = specs
+        header, self.offsets = header_bytes(specs, metadata, reserve)
+        self._header_len = len(header)
+        total = len(header) + sum(s.nbytes for s in specs.values())
+        self._fd = os.open(self.path, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0), 0o644)
+        if create:
+            os.pwrite(self._fd, header, 0)
+            os.ftruncate(self._fd, total)
+
+    def _span(self, name: str, start: int) -> int:
+        spec = self.specs[name]
+        return self.offsets[name] + start * spec.row_numel * itemsize(spec.dtype)
+
+    def write(self, name: str, start: int, rows: torch.Tensor) -> None:
+        data = tensor_bytes(rows)
+        offset, done = self._span(name, start), 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        spec = self.specs[name]
+        out = torch.empty(((stop - start),) + spec.shape[1:] if spec.shape else (), dtype=torch_dtype(spec.dtype))
+        if out.numel():
+            pread_exact(self._fd, tensor_bytes(out), self._span(name, start), self.path, name)
+        return out
+
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        """Rewrite the header's metadata in place, within the space reserved at creation."""
+        header, _ = header_bytes(self.specs, metadata)
+        if len(header) > self._header_len:
+            raise BlockmergeError(f"metadata needs {len(header)} header bytes, {self._header_len} were reserved",
+                                  path=self.path)
+        raw = header[8:].rstrip(b" ") + b" " * (self._header_len - len(header.rstrip(b" ")))
+        os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
+
+    def close(self, sync: bool = True) -> None:
+        if self._fd >= 0:
+            if sync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,159 @@
+"""Where merged blocks go: memory, a blockmerge store, safetensors (one file, shards, or a HF directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import BlockmergeError
+from .safetensors_io import SafetensorsWriter
+from .store import StoreWriter, copy_files, write_json_atomic
+from .tensors import TensorSpec, torch_dtype
+
+FORMATS = ("store", "safetensors", "hf")
+PROVENANCE_FILE = "blockmerge.json"
+HEADER_RESERVE = 64 * 1024
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+class Sink:
+    """Receives merged row blocks of known tensors; `seal` finishes it with checksums and provenance."""
+
+    def write(self, name: str, start: int, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def seal(self, checksums: dict[str, str], provenance: dict) -> None:
+        raise NotImplementedError
+
+
+class DictSink(Sink):
+    def __init__(self, specs: dict[str, TensorSpec]):
+        self.tensors = {n: torch.empty(s.shape, dtype=torch_dtype(s.dtype)) for n, s in specs.items()}
+
+    def write(self, name, start, rows):
+        t = self.tensors[name]
+        (t[start:start + rows.shape[0]] if t.dim() else t).copy_(rows)
+
+    def read(self, name, start, stop):
+        t = self.tensors[name]
+        return t[start:stop] if t.dim() else t
+
+    def seal(self, checksums, provenance):
+        pass
+
+
+class StoreSink(Sink):
+    def __init__(self, path: Path, specs: dict[str, TensorSpec], codec: str, files: list[Path], *, create: bool):
+        self.path = path
+        if create:
+            path.mkdir()
+            if files:
+                copy_files(files, path / "files")
+        self.writer = StoreWriter(path, {("param", n): s for n, s in specs.items()}, codec, create=create)
+
+    def write(self, name, start, rows):
+        self.writer.write("param", name, start, rows)
+
+    def read(self, name, start, stop):
+        return self.writer.read("param", name, start, stop)
+
+    def seal(self, checksums, provenance):
+        self.writer.seal({("param", n): c for n, c in checksums.items()}, provenance)
+
+
+def shard_names(specs: dict[str, TensorSpec], shard_bytes: int) -> dict[str, str]:
+    """Hugging Face shard file of each tensor, filled in name order up to `shard_bytes` each."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(specs):
+        nbytes = specs[name].nbytes
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        return dict.fromkeys(shards[0], "model.safetensors")
+    total = len(shards)
+    return {n: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, names in enumerate(shards) for n in names}
+
+
+class SafetensorsSink(Sink):
+    """One `.safetensors` file (provenance in its header), or a directory of shards with an index."""
+
+    def __init__(self, path: Path, specs: dict[str, TensorSpec], shard_bytes: int, files: list[Path], *,
+                 create: bool, single: bool):
+        self.path, self.specs, self.single = path, specs, single
+        self.shard_of = dict.fromkeys(specs, path.name) if single else shard_names(specs, shard_bytes)
+        if not single and create:
+            path.mkdir()
+            if files:
+                copy_files(files, path)
+        self.writers: dict[str, SafetensorsWriter] = {}
+        for shard in sorted(set(self.shard_of.values())):
+            shard_specs = {n: specs[n] for n, s in self.shard_of.items() if s == shard}
+            target = path if single else path / shard
+            self.writers[shard] = SafetensorsWriter(target, shard_specs, {"format": "pt"}, create=create,
+                                                    reserve=HEADER_RESERVE if single else 0)
+
+    def write(self, name, start, rows):
+        self.writers[self.shard_of[name]].write(name, start, rows)
+
+    def read(self, name, start, stop):
+        return self.writers[self.shard_of[name]].read(name, start, stop)
+
+    def seal(self, checksums, provenance):
+        if self.single:
+            self.writers[self.path.name].set_metadata({"format": "pt", "blockmerge": json.dumps(provenance)})
+        else:
+            if len(self.writers) > 1:
+                index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
+                         "weight_map": dict(sorted(self.shard_of.items()))}
+                write_json_atomic(self.path / "model.safetensors.index.json", index)
+            write_json_atomic(self.path / PROVENANCE_FILE, provenance)
+        for w in self.writers.values():
+            w.close()
+
+
+def infer_format(out: str | os.PathLike, format: str | None) -> str:
+    if format is None:
+        return "safetensors" if str(out).endswith(".safetensors") else "store"
+    if format not in FORMATS:
+        raise BlockmergeError(f"unknown output format {format!r} (choose from {', '.join(FORMATS)})")
+    if format == "store" and str(out).endswith(".safetensors"):
+        raise BlockmergeError("a store is a directory; name it without .safetensors", path=out)
+    return format
+
+
+def open_sink(path: Path, format: str, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int,
+              files: list[Path], create: bool) -> Sink:
+    """The sink writing `format` at `path` (created, or reopened to resume)."""
+    if format == "store":
+        return StoreSink(path, specs, codec, files, create=create)
+    single = path.name.endswith(".safetensors")
+    return SafetensorsSink(path, specs, shard_bytes, files if format == "hf" else [], create=create, single=single)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from '512MiB', '5GB', '1e9' or an integer."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in units:
+        raise BlockmergeError(f"cannot read size {text!r} (examples: 256MiB, 5GB)")
+    try:
+        value = int(float(m.group(1)) * units[m.group(2).lower()])
+    except ValueError:
+        raise BlockmergeError(f"cannot read size {text!r} (examples: 256MiB, 5GB)") from None
+    if value <= 0:
+        raise BlockmergeError(f"size must be positive, got {text!r}")
+    return value

@@ -1,0 +1,225 @@
+"""Checkpoints and statistics opened lazily: names, specs and row-range reads, whatever the format."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import BlockmergeError
+from .safetensors_io import SafetensorsFile
+from .store import KINDS, StoreReader, is_store
+from .tensors import TensorSpec, dtype_name
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+
+
+class Checkpoint:
+    """A set of named tensors read by row range; `label` names it in errors."""
+
+    label: str
+    specs: dict[str, TensorSpec]
+    files: list[Path] = []
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def checksum(self, name: str) -> str | None:
+        """The stored sha256 of a tensor's bytes, where the format records one."""
+        return None
+
+
+class MappingCheckpoint(Checkpoint):
+    """Tensors already in memory."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str):
+        self.label = label
+        self.tensors = {}
+        for name, t in tensors.items():
+            if not isinstance(name, str) or not name:
+                raise BlockmergeError(f"tensor names must be non-empty strings, got {name!r}", path=label)
+            if not isinstance(t, torch.Tensor):
+                raise BlockmergeError(f"expected a torch.Tensor, got {type(t).__name__}", path=label, param=name)
+            self.tensors[name] = t.detach().cpu().contiguous()
+        self.specs = {n: _spec_of(t, label, n) for n, t in self.tensors.items()}
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t = self.tensors[name]
+        return t[start:stop] if t.dim() else t
+
+
+def _spec_of(t: torch.Tensor, label: str, name: str) -> TensorSpec:
+    try:
+        return TensorSpec(tuple(t.shape), dtype_name(t.dtype))
+    except ValueError as err:
+        raise BlockmergeError(str(err), path=label, param=name) from None
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One safetensors file, or Hugging Face shards listed by an index."""
+
+    def __init__(self, path: Path):
+        self.label = str(path)
+        self._file_of: dict[str, SafetensorsFile] = {}
+        if path.name.endswith(".index.json"):
+            weight_map = _weight_map(path)
+            shards = {}
+            for shard in sorted(set(weight_map.values())):
+                shards[shard] = SafetensorsFile(_shard_path(path, shard))
+                listed = {n for n, s in weight_map.items() if s == shard}
+                present = set(shards[shard].entries)
+                for name in sorted(present ^ listed):
+                    where = "not listed in the index" if name in present else "missing from the shard"
+                    raise BlockmergeError(f"index and shard disagree ({where})", path=shards[shard].path, param=name)
+            self._file_of = {n: shards[s] for n, s in weight_map.items()}
+        else:
+            f = SafetensorsFile(path)
+            self._file_of = dict.fromkeys(f.entries, f)
+        self.specs = {n: f.entries[n][0] for n, f in sorted(self._file_of.items())}
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._file_of[name].read(name, start, stop)
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BlockmergeError(f"unreadable shard index ({err})", path=index) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise BlockmergeError("corrupt shard index (weight_map must map names to file names)", path=index)
+    return weight_map
+
+
+def _shard_path(index: Path, shard: str) -> Path:
+    target = (index.parent / shard).resolve()
+    if target.parent != index.parent.resolve():
+        raise BlockmergeError(f"shard {shard!r} is outside the index's directory", path=index)
+    if not target.is_file():
+        raise BlockmergeError(f"shard {shard!r} listed in the index does not exist", path=index)
+    return target
+
+
+class TorchCheckpoint(Checkpoint):
+    """PyTorch `.bin`/`.pt` files, loaded with `weights_only=True` and memory-mapped."""
+
+    def __init__(self, path: Path):
+        self.label = str(path)
+        names = _weight_map(path) if path.name.endswith(".index.json") else None
+        files = [_shard_path(path, s) for s in sorted(set(names.values()))] if names else [path]
+        self.tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            for name, t in _torch_load(f).items():
+                if name in self.tensors:
+                    raise BlockmergeError("tensor appears in two shards", path=f, param=name)
+                self.tensors[name] = t
+        if names is not None and set(names) != set(self.tensors):
+            name = sorted(set(names) ^ set(self.tensors))[0]
+            raise BlockmergeError("index and shards disagree", path=path, param=name)
+        self.specs = {n: _spec_of(t, self.label, n) for n, t in sorted(self.tensors.items())}
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t = self.tensors[name]
+        return (t[start:stop] if t.dim() else t).clone()
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0]
+        raise BlockmergeError(f"refused: not a plain tensor file, loading it would run code ({first})",
+                              path=path) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise BlockmergeError(f"corrupt or unreadable PyTorch file ({str(err).splitlines()[0]})", path=path) from None
+    if not isinstance(obj, Mapping):
+        raise BlockmergeError(f"expected a state dict, found {type(obj).__name__}", path=path)
+    for name, t in obj.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise BlockmergeError(f"expected name -> tensor entries, found {type(t).__name__}", path=path,
+                                  param=str(name))
+    return dict(obj)
+
+
+class StoreCheckpoint(Checkpoint):
+    """One kind of tensor of a blockmerge store."""
+
+    def __init__(self, path: Path, kind: str = "param"):
+        self.label = str(path)
+        self.reader = StoreReader(path, kind)
+        self.specs = {n: e.spec for n, e in sorted(self.reader.entries.items())}
+        files_dir = path / "files"
+        self.files = sorted(p for p in files_dir.iterdir() if p.is_file()) if files_dir.is_dir() else []
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.reader.read(name, start, stop)
+
+    def checksum(self, name: str) -> str | None:
+        return self.reader.entries[name].sha256
+
+
+def _open_path(path: Path, kind: str) -> Checkpoint:
+    if not path.exists():
+        raise BlockmergeError("no such file or directory", path=path)
+    if path.is_dir():
+        if is_store(path):
+            return StoreCheckpoint(path, kind)
+        for weights in WEIGHT_FILES:
+            if (path / weights).is_file():
+                ckpt = _open_path(path / weights, kind)
+                ckpt.files = sorted(p for p in path.iterdir() if p.is_file() and not _is_weight_file(p))
+                return ckpt
+        raise BlockmergeError("directory holds no checkpoint (no blockmerge store, "
+                              f"no {' / '.join(WEIGHT_FILES)})", path=path)
+    name = path.name
+    if name.endswith((".safetensors", ".safetensors.index.json")):
+        return SafetensorsCheckpoint(path)
+    if name.endswith((".bin", ".pt", ".pth")) or name.endswith(".bin.index.json"):
+        return TorchCheckpoint(path)
+    raise BlockmergeError("unknown checkpoint format (expected .safetensors, a shard index, .bin/.pt, "
+                          "a Hugging Face directory or a blockmerge store)", path=path)
+
+
+def _is_weight_file(p: Path) -> bool:
+    return p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
+
+
+def open_checkpoint(source: object, label: str, kind: str = "param") -> Checkpoint:
+    """A checkpoint from a path (any supported format) or a mapping of name -> tensor."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return MappingCheckpoint(source, label)
+    if isinstance(source, (str, os.PathLike)):
+        return _open_path(Path(source), kind)
+    raise BlockmergeError(f"expected a path or a mapping of tensors, got {type(source).__name__}", path=label)
+
+
+def open_statistics(source: object, label: str) -> dict[str, Checkpoint]:
+    """Statistics of one model, by kind: a store holding statistic kinds, or {kind: path or mapping}."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not is_store(path):
+            raise BlockmergeError("statistics must be a blockmerge store (or a mapping of kind -> tensors)", path=path)
+        kinds = StoreReader(path).kinds() - {"param"}
+        return {k: StoreCheckpoint(path, k) for k in sorted(kinds)}
+    if isinstance(source, Mapping):
+        out = {}
+        for kind, value in source.items():
+            if kind not in KINDS or kind == "param":
+                raise BlockmergeError(f"unknown statistic kind {kind!r} (choose from {', '.join(KINDS[1:])})",
+                                      path=label)
+            out[kind] = open_checkpoint(value, f"{label}[{kind}]", kind)
+        return out
+    raise BlockmergeError(f"expected a statistics store path or a mapping, got {type(source).__name__}", path=label)

@@ -1,0 +1,185 @@
+"""blockmerge's store: a directory of zarr v3 arrays, one per tensor and kind, with a manifest.
+
+    STORE/blockmerge.json        manifest: format, tensors (name, kind, path, shape, dtype, sha256), metadata
+    STORE/arrays/000000/...      one zarr v3 array per entry, full-width row chunks
+    STORE/files/...              non-tensor files of the source (config, tokenizer), for export
+
+Array paths are assigned by the store, never taken from tensor names, so a name is data only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+import torch
+
+from ..errors import BlockmergeError
+from .tensors import DTYPES, TensorSpec, from_numpy, numpy_dtype, to_numpy
+
+MANIFEST = "blockmerge.json"
+FORMAT = "blockmerge-store"
+VERSION = 1
+CHUNK_BYTES = 16 * 1024 * 1024
+CODECS = {
+    "none": [],
+    "zstd": [{"name": "zstd", "configuration": {"level": 3, "checksum": False}}],
+    "gzip": [{"name": "gzip", "configuration": {"level": 5}}],
+    "blosc": [{"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle",
+                                                  "typesize": 4, "blocksize": 0}}],
+}
+KINDS = ("param", "fisher", "gram_in", "gram_out", "blockwise_fisher", "trimmed")
+_ARRAY_PATH = re.compile(r"^arrays/[0-9]{6}$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One array of a store."""
+
+    name: str
+    kind: str
+    path: str
+    spec: TensorSpec
+    sha256: str | None
+
+
+def chunk_rows(spec: TensorSpec) -> int:
+    """Rows per chunk: full-width rows, about CHUNK_BYTES per chunk."""
+    row_bytes = max(1, spec.row_numel * numpy_dtype(spec.dtype).itemsize)
+    return max(1, min(spec.rows, CHUNK_BYTES // row_bytes))
+
+
+def is_store(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def _array_spec(root: Path, entry: Entry, codec: str | None = None) -> dict:
+    spec: dict = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / entry.path)}}
+    metadata = {"shape": list(entry.spec.shape), "data_type": entry.spec.dtype}
+    if codec is not None:
+        chunk = [chunk_rows(entry.spec), *entry.spec.shape[1:]] if entry.spec.shape else []
+        metadata["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": chunk}}
+        metadata["codecs"] = [{"name": "bytes", "configuration": {"endian": "little"}}, *CODECS[codec]]
+    spec["metadata"] = metadata
+    return spec
+
+
+def read_manifest(root: Path) -> tuple[list[Entry], dict]:
+    """Validated entries and metadata of a store's manifest."""
+    try:
+        raw = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise BlockmergeError(f"not a blockmerge store (no {MANIFEST})", path=root) from None
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise BlockmergeError(f"corrupt store manifest ({err})", path=root / MANIFEST) from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("version") != VERSION:
+        raise BlockmergeError(f"not a {FORMAT} version {VERSION} manifest", path=root / MANIFEST)
+    entries, seen, paths = [], set(), set()
+    for item in raw.get("tensors", []):
+        try:
+            name, kind, path = item["name"], item["kind"], item["path"]
+            shape, dtype, sha = tuple(item["shape"]), item["dtype"], item.get("sha256")
+            ok = (isinstance(name, str) and name and kind in KINDS and isinstance(path, str)
+                  and _ARRAY_PATH.match(path) and dtype in DTYPES
+                  and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and (sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha))))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise BlockmergeError(f"corrupt store manifest (bad entry {str(item)[:200]})", path=root / MANIFEST)
+        if (kind, name) in seen or path in paths:
+            raise BlockmergeError("corrupt store manifest (duplicate entry)", path=root / MANIFEST, param=name)
+        seen.add((kind, name))
+        paths.add(path)
+        entries.append(Entry(name, kind, path, TensorSpec(shape, dtype), sha))
+    metadata = raw.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise BlockmergeError("corrupt store manifest (metadata is not an object)", path=root / MANIFEST)
+    return entries, metadata
+
+
+class StoreReader:
+    """Row-range reads of one kind of tensor from a store."""
+
+    def __init__(self, root: str | os.PathLike, kind: str = "param"):
+        self.path = Path(root)
+        entries, self.metadata = read_manifest(self.path)
+        self.all_entries = entries
+        self.entries = {e.name: e for e in entries if e.kind == kind}
+        self._arrays: dict[str, ts.TensorStore] = {}
+
+    def kinds(self) -> set[str]:
+        return {e.kind for e in self.all_entries}
+
+    def _array(self, name: str) -> ts.TensorStore:
+        if name not in self._arrays:
+            entry = self.entries[name]
+            try:
+                self._arrays[name] = ts.open(_array_spec(self.path, entry), open=True, read=True).result()
+            except Exception as err:  # tensorstore raises ValueError and its own status errors
+                raise BlockmergeError(f"corrupt or missing array ({str(err).splitlines()[0]})",
+                                      path=self.path / entry.path, param=name) from None
+        return self._arrays[name]
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        array = self._array(name)
+        try:
+            data = array[start:stop].read().result() if array.rank else array.read().result()
+        except Exception as err:
+            raise BlockmergeError(f"corrupt array data ({str(err).splitlines()[0]})",
+                                  path=self.path / self.entries[name].path, param=name) from None
+        return from_numpy(np.ascontiguousarray(data))
+
+
+class StoreWriter:
+    """Creates a store's arrays, writes them in row blocks, and seals it with a manifest."""
+
+    def __init__(self, root: str | os.PathLike, specs: dict[tuple[str, str], TensorSpec], codec: str = "none",
+                 *, create: bool = True):
+        if codec not in CODECS:
+            raise BlockmergeError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
+        self.path = Path(root)
+        self.entries = {key: Entry(key[1], key[0], f"arrays/{i:06d}", spec, None)
+                        for i, (key, spec) in enumerate(sorted(specs.items()))}
+        self._arrays = {}
+        for key, entry in self.entries.items():
+            self._arrays[key] = ts.open(_array_spec(self.path, entry, codec),
+                                        create=create, open=not create, delete_existing=create).result()
+
+    def write(self, kind: str, name: str, start: int, rows: torch.Tensor) -> None:
+        array = self._arrays[(kind, name)]
+        data = to_numpy(rows)
+        (array[start:start + rows.shape[0]] if array.rank else array).write(data).result()
+
+    def read(self, kind: str, name: str, start: int, stop: int) -> torch.Tensor:
+        array = self._arrays[(kind, name)]
+        return from_numpy(np.ascontiguousarray((array[start:stop] if array.rank else array).read().result()))
+
+    def seal(self, checksums: dict[tuple[str, str], str], metadata: dict) -> None:
+        """Write the manifest last: a store without one is incomplete."""
+        tensors = [{"name": e.name, "kind": e.kind, "path": e.path, "shape": list(e.spec.shape),
+                    "dtype": e.spec.dtype, "sha256": checksums[key]} for key, e in self.entries.items()]
+        manifest = {"format": FORMAT, "version": VERSION, "tensors": tensors, "metadata": metadata}
+        write_json_atomic(self.path / MANIFEST, manifest)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def copy_files(files: list[Path], dest: Path) -> None:
+    """Copy non-tensor files (config, tokenizer) into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, dest / f.name)

@@ -1,0 +1,104 @@
+"""Tensor descriptions and the dtype names shared by every format."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import torch
+
+# name -> (torch dtype, safetensors code, numpy dtype for zarr/tensorstore)
+DTYPES: dict[str, tuple[torch.dtype, str, np.dtype]] = {
+    "float64": (torch.float64, "F64", np.dtype("float64")),
+    "float32": (torch.float32, "F32", np.dtype("float32")),
+    "float16": (torch.float16, "F16", np.dtype("float16")),
+    "bfloat16": (torch.bfloat16, "BF16", np.dtype(ml_dtypes.bfloat16)),
+    "int64": (torch.int64, "I64", np.dtype("int64")),
+    "int32": (torch.int32, "I32", np.dtype("int32")),
+    "int16": (torch.int16, "I16", np.dtype("int16")),
+    "int8": (torch.int8, "I8", np.dtype("int8")),
+    "uint8": (torch.uint8, "U8", np.dtype("uint8")),
+    "bool": (torch.bool, "BOOL", np.dtype("bool")),
+}
+FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
+_BY_TORCH = {v[0]: k for k, v in DTYPES.items()}
+_BY_SAFETENSORS = {v[1]: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The blockmerge name of a torch dtype."""
+    if dtype not in _BY_TORCH:
+        raise ValueError(f"unsupported dtype {dtype}")
+    return _BY_TORCH[dtype]
+
+
+def from_safetensors_code(code: str) -> str | None:
+    """The blockmerge dtype name of a safetensors dtype code, or None if unsupported."""
+    return _BY_SAFETENSORS.get(code)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name][0]
+
+
+def safetensors_code(name: str) -> str:
+    return DTYPES[name][1]
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    return DTYPES[name][2]
+
+
+def itemsize(name: str) -> int:
+    return DTYPES[name][2].itemsize
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def rows(self) -> int:
+        """Length of the first axis (1 for a scalar): the axis blocks are cut along."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in FLOATING
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a CPU tensor, bfloat16 included."""
+    tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A zero-copy tensor over a numpy array, bfloat16 included."""
+    if array.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor."""
+    return memoryview(to_numpy(tensor).reshape(-1).view(np.uint8))

@@ -1,0 +1,1 @@
+"""Evaluation of merged models on tasks, and hyperparameter sweeps over the public merge API."""

@@ -1,0 +1,191 @@
+"""What a merge method is: a typed hyperparameter dataclass, a kernel over one block, and its needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..errors import BlockmergeError
+
+
+@dataclass
+class Block:
+    """One row range of one parameter, across every model and statistic, as float tensors on the device.
+
+    Statistics of the parameter's own shape are cut to the same rows; any other statistic
+    (a Gram matrix) is whole.
+    """
+
+    name: str
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+    models: list[torch.Tensor]
+    base: torch.Tensor | None = None
+    stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    base_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def offset(self) -> int:
+        """Index of the block's first element in the flattened parameter."""
+        return self.start * math.prod(self.shape[1:])
+
+    def stacked(self) -> torch.Tensor:
+        """The models' blocks stacked along a new first axis."""
+        return torch.stack(self.models)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A reduction over every block, run before the merge.
+
+    `map` turns a block into a small partial result; `fold(accumulated, partial, block)` combines
+    them in plan order (the first call gets None); `finish` turns the total into entries of the
+    state that later passes and the merge read.
+    """
+
+    map: Callable[[Block, Any, dict], Any]
+    fold: Callable[[Any, Any, Block], Any]
+    finish: Callable[[Any, Any, dict], dict]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method as the engine sees it."""
+
+    name: str
+    description: str
+    hyperparameters: type
+    merge: Callable[[Block, Any, dict], torch.Tensor]
+    needs_base: bool = False
+    statistics: tuple[str, ...] = ()
+    optional_statistics: tuple[str, ...] = ()
+    base_statistics: tuple[str, ...] = ()
+    passes: Callable[[Any, frozenset[str]], list[Pass]] = lambda hp, kinds: []
+    row_blocks: bool = True
+    min_models: int = 1
+    check: Callable[[Any, int], None] | None = None  # (hyperparameters, number of models); raises ValueError
+
+
+MissingStatistic = Literal["average", "error"]
+
+
+@dataclass(frozen=True)
+class Common:
+    """Options every method takes (METHODS.md §16)."""
+
+    exclude: tuple[str, ...] = ()
+    missing_statistic: MissingStatistic = "average"
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, name)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[-1] if errors else f"bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], name) for v in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported hyperparameter type {tp}")
+
+
+def _build(cls: type, values: dict[str, Any], method: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            try:
+                kwargs[f.name] = _coerce(values[f.name], hints[f.name], f.name)
+            except ValueError as err:
+                raise BlockmergeError(f"{method}: hyperparameter {f.name}: {err}") from None
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise BlockmergeError(f"{method}: {err}") from None
+
+
+def parse_hyperparameters(method: Method, values: dict[str, Any]) -> tuple[Any, Common]:
+    """Typed hyperparameters of `method` and the common options, from names and values (strings allowed)."""
+    own = {f.name for f in dataclasses.fields(method.hyperparameters)}
+    common = {f.name for f in dataclasses.fields(Common)}
+    unknown = sorted(set(values) - own - common)
+    if unknown:
+        valid = ", ".join(sorted(own | common))
+        raise BlockmergeError(f"{method.name}: unknown hyperparameter {unknown[0]!r} (valid: {valid})")
+    return (_build(method.hyperparameters, {k: v for k, v in values.items() if k in own}, method.name),
+            _build(Common, {k: v for k, v in values.items() if k in common}, method.name))
+
+
+def describe(method: Method) -> dict[str, Any]:
+    """Name, description, hyperparameters with types and defaults, and statistics of a method."""
+    hints = typing.get_type_hints(method.hyperparameters)
+    return {
+        "name": method.name,
+        "description": method.description,
+        "hyperparameters": {f.name: {"type": _type_name(hints[f.name]), "default": f.default}
+                            for f in dataclasses.fields(method.hyperparameters)},
+        "needs_base": method.needs_base,
+        "statistics": list(method.statistics),
+        "optional_statistics": list(method.optional_statistics),
+        "base_statistics": list(method.base_statistics),
+    }
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def docstring_summary(module_doc: str | None) -> str:
+    return (module_doc or "").strip().splitlines()[0] if module_doc else ""

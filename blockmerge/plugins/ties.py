@@ -1,0 +1,180 @@
+"""TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models"; METHODS.md §4, §16).
+
+    τ_t = θ_t − θ_0;   τ̂_t = τ_t where |τ_t| ≥ thr_t, else 0      (trim: keep int(d·K)+1 entries and ties)
+    γ_j = sign(Σ_t τ̂_t,j), zeros filled with the majority sign sign(Σ_j γ_j) (0 → +1)
+    τ*_j = Σ_t [sign(τ̂_t,j) = γ_j] τ̂_t,j / max(1, #{t : sign(τ̂_t,j) = γ_j})
+    θ* = θ_0 + λ τ*
+
+`trim=global` takes thr_t over every merged float tensor of model t, `block` within each tensor;
+given `trimmed` statistics (τ̂_t) are used as they are. The thresholds are exact k-th order
+statistics found by two streaming passes of a radix select over the float32 bit patterns of |τ|.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .base import Block, Method, Pass, docstring_summary
+
+TOP_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit clear)
+LOW_BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Ties:
+    density: float = 0.2
+    scaling_factor: float = 1.0
+    trim: Literal["global", "block"] = "global"
+    majority_sign: Literal["global", "block"] = "global"
+
+    def __post_init__(self):
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+
+
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |x| in float32: ordered as the magnitudes are."""
+    return x.float().abs().contiguous().view(torch.int32)
+
+
+def threshold_rank(numel: int, density: float) -> int:
+    """1-based rank (ascending) of the trim threshold; 0 when everything is kept."""
+    return numel - int(numel * density)
+
+
+def select_bin(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the rank-th smallest value and the rank within that bin."""
+    cumulative = counts.cumsum(0)
+    index = int(torch.searchsorted(cumulative, torch.tensor([rank], dtype=cumulative.dtype))[0])
+    before = int(cumulative[index - 1]) if index else 0
+    return index, rank - before
+
+
+def trim(task_vector: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Keep entries whose magnitude is at least the threshold (None keeps everything)."""
+    if threshold is None:
+        return task_vector
+    return torch.where(task_vector.abs() >= threshold, task_vector, 0.0)
+
+
+def elect_and_merge(trimmed: list[torch.Tensor], majority_sign: int) -> torch.Tensor:
+    """The disjoint mean τ* of trimmed task vectors, with the elected sign's zeros set to majority_sign."""
+    total = trimmed[0].clone()
+    for t in trimmed[1:]:
+        total += t
+    sign = torch.sign(total)
+    sign[sign == 0] = majority_sign
+    selected = torch.zeros_like(total)
+    count = torch.zeros_like(total)
+    for t in trimmed:
+        keep = torch.where(sign > 0, t > 0, t < 0)
+        selected += torch.where(keep, t, 0.0)
+        count += keep
+    return selected / count.clamp(min=1.0)
+
+
+def _group(block: Block, mode: str) -> str:
+    return "" if mode == "global" else block.name
+
+
+def _fold_counts(mode: str):
+    """Sum per-model counts per group; a finished tensor's counts (block mode) are kept sparse."""
+    def fold(acc, partial, block):
+        acc = acc if acc is not None else {}
+        group = _group(block, mode)
+        acc[group] = partial if group not in acc else acc[group] + partial
+        if mode == "block" and block.stop == (block.shape[0] if block.shape else 1):
+            dense = acc[group]
+            acc[group] = [(row.nonzero().flatten(), row[row != 0]) for row in dense]
+        return acc
+    return fold
+
+
+def _dense(counts, size: int) -> list[torch.Tensor]:
+    if isinstance(counts, list):
+        return [torch.zeros(size, dtype=torch.int64).index_put_((bins,), values) for bins, values in counts]
+    return list(counts)
+
+
+def _trim_passes(hp: Ties) -> list[Pass]:
+    def top_counts(block: Block, hp: Ties, state: dict) -> torch.Tensor:
+        return torch.stack([torch.bincount((magnitude_bits(m - block.base) >> 16).flatten(), minlength=TOP_BINS).cpu()
+                            for m in block.models])
+
+    def find_top(acc, hp: Ties, state: dict) -> dict:
+        found = {}
+        for group, counts in acc.items():
+            found[group] = []
+            for row in _dense(counts, TOP_BINS):
+                rank = threshold_rank(int(row.sum()), hp.density)
+                found[group].append(select_bin(row, rank) if rank > 0 else None)
+        return {"top": found}
+
+    def low_counts(block: Block, hp: Ties, state: dict) -> torch.Tensor:
+        rows = []
+        for m, top in zip(block.models, state["top"][_group(block, hp.trim)]):
+            bits = magnitude_bits(m - block.base).flatten()
+            low = bits[(bits >> 16) == top[0]] & 0xFFFF if top is not None else bits[:0]
+            rows.append(torch.bincount(low, minlength=LOW_BINS).cpu())
+        return torch.stack(rows)
+
+    def find_threshold(acc, hp: Ties, state: dict) -> dict:
+        thresholds = {}
+        for group, counts in acc.items():
+            thresholds[group] = []
+            for row, top in zip(_dense(counts, LOW_BINS), state["top"][group]):
+                if top is None:
+                    thresholds[group].append(None)
+                    continue
+                low, _ = select_bin(row, top[1])
+                bits = torch.tensor([(top[0] << 16) | low], dtype=torch.int32)
+                thresholds[group].append(float(bits.view(torch.float32)[0]))
+        return {"threshold": thresholds}
+
+    return [Pass(top_counts, _fold_counts(hp.trim), find_top),
+            Pass(low_counts, _fold_counts(hp.trim), find_threshold)]
+
+
+def _trimmed(block: Block, hp: Ties, state: dict) -> list[torch.Tensor]:
+    if "trimmed" in block.stats:
+        return block.stats["trimmed"]
+    thresholds = state["threshold"][_group(block, hp.trim)]
+    return [trim(m - block.base, thr) for m, thr in zip(block.models, thresholds)]
+
+
+def _majority_pass(hp: Ties) -> Pass:
+    def sign_sum(block: Block, hp: Ties, state: dict) -> int:
+        total = _trimmed(block, hp, state)
+        s = total[0].clone()
+        for t in total[1:]:
+            s += t
+        return int(torch.sign(s).sum(dtype=torch.int64))
+
+    def fold(acc, partial, block):
+        acc = acc if acc is not None else {}
+        group = _group(block, hp.majority_sign)
+        acc[group] = acc.get(group, 0) + partial
+        return acc
+
+    def finish(acc, hp: Ties, state: dict) -> dict:
+        return {"majority": {g: 1 if s >= 0 else -1 for g, s in acc.items()}}
+
+    return Pass(sign_sum, fold, finish)
+
+
+def _passes(hp: Ties, kinds: frozenset[str]) -> list[Pass]:
+    trim_passes = [] if "trimmed" in kinds else _trim_passes(hp)
+    return [*trim_passes, _majority_pass(hp)]
+
+
+def _merge(block: Block, hp: Ties, state: dict) -> torch.Tensor:
+    majority = state["majority"][_group(block, hp.majority_sign)]
+    merged = elect_and_merge(_trimmed(block, hp, state), majority)
+    return block.base + merged * hp.scaling_factor
+
+
+METHOD = Method(name="ties", description=docstring_summary(__doc__), hyperparameters=Ties, merge=_merge,
+                needs_base=True, optional_statistics=("trimmed",), passes=_passes)
