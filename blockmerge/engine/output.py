@@ -31,6 +31,7 @@ class Output:
         self._lock_path = self.out.parent / f".{self.out.name}.blockmerge-lock"
         self._lock = self._acquire_lock()
         self.done: dict[tuple[str, int, int], str] = {}
+        request = json.loads(json.dumps(request, sort_keys=True))
         request_path = self.work / "request.json"
         journal_path = self.work / "journal.jsonl"
         try:

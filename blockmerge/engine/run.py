@@ -174,7 +174,7 @@ def check(job: Job) -> Layout:
         for kind in method.base_statistics:
             if name not in job.base_stats[kind].specs and job.common.missing_statistic == "error":
                 raise BlockmergeError(f"no {kind!r} statistic of the base", param=name)
-        missing = [k for k in method.statistics if not all(present[k])]
+        missing = [k for k in sorted(used) if not all(present[k])]
         missing += [k for k in method.base_statistics if name not in job.base_stats[k].specs]
         if missing:
             if job.common.missing_statistic == "error":
@@ -182,7 +182,7 @@ def check(job: Job) -> Layout:
             actions[name] = "average"
             continue
         actions[name] = "merge"
-        stat_kinds[name] = tuple(sorted(k for k in used if all(present[k])))
+        stat_kinds[name] = tuple(sorted(used))
     return Layout(specs, out_specs, actions, stat_kinds, used)
 
 

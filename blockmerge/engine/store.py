@@ -134,7 +134,7 @@ class StoreReader:
         except Exception as err:
             raise BlockmergeError(f"corrupt array data ({str(err).splitlines()[0]})",
                                   path=self.path / self.entries[name].path, param=name) from None
-        return from_numpy(np.ascontiguousarray(data))
+        return from_numpy(np.asarray(data, order="C"))
 
 
 class StoreWriter:
@@ -159,7 +159,7 @@ class StoreWriter:
 
     def read(self, kind: str, name: str, start: int, stop: int) -> torch.Tensor:
         array = self._arrays[(kind, name)]
-        return from_numpy(np.ascontiguousarray((array[start:stop] if array.rank else array).read().result()))
+        return from_numpy(np.asarray((array[start:stop] if array.rank else array).read().result(), order="C"))
 
     def seal(self, checksums: dict[tuple[str, str], str], metadata: dict) -> None:
         """Write the manifest last: a store without one is incomplete."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: small model families written as real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SHAPES = {"embed.weight": (40, 16), "layer.0.attn.weight": (16, 16), "layer.0.norm": (16,),
+          "layer.1.mlp.weight": (32, 16), "head.bias": (), "position_ids": (12,)}
+
+
+def make_family(num_models: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.05,
+                shapes: dict[str, tuple[int, ...]] = SHAPES) -> tuple[dict, list[dict]]:
+    """A base and fine-tunes (base + Gaussian noise); `position_ids` is an int64 buffer."""
+    g = torch.Generator().manual_seed(seed)
+    base = {}
+    for name, shape in shapes.items():
+        base[name] = torch.arange(shape[0]) if name == "position_ids" else torch.randn(shape, generator=g).to(dtype)
+    models = []
+    for _ in range(num_models):
+        models.append({n: (t + std * torch.randn(t.shape, generator=g)).to(dtype) if t.is_floating_point() else t
+                       for n, t in base.items()})
+    return base, models
+
+
+def write_family(tmp: Path, base: dict, models: list[dict]) -> tuple[Path, list[Path]]:
+    save_file(base, tmp / "base.safetensors")
+    paths = []
+    for i, m in enumerate(models):
+        save_file(m, tmp / f"model{i}.safetensors")
+        paths.append(tmp / f"model{i}.safetensors")
+    return tmp / "base.safetensors", paths
+
+
+@pytest.fixture
+def family(tmp_path: Path):
+    base, models = make_family()
+    base_path, model_paths = write_family(tmp_path, base, models)
+    return base, models, base_path, model_paths
