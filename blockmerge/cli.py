@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api
+from .demo import demo
 from .engine.plan import DEFAULT_BLOCK_BYTES
 from .engine.run import Summary
 from .engine.sinks import FORMATS
@@ -219,3 +220,6 @@ def inspect(path: str, as_json: bool) -> None:
     Console(width=160).print(table)
     if info.get("kinds"):
         click.echo(f"kinds: {', '.join(info['kinds'])}")
+
+
+main.add_command(demo)

@@ -9,6 +9,7 @@ Array paths are assigned by the store, never taken from tensor names, so a name 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from .tensors import DTYPES, TensorSpec, from_numpy, numpy_dtype, to_numpy
 MANIFEST = "blockmerge.json"
 FORMAT = "blockmerge-store"
 VERSION = 1
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 8 * 1024 * 1024
 CODECS = {
     "none": [],
     "zstd": [{"name": "zstd", "configuration": {"level": 3, "checksum": False}}],
@@ -155,7 +156,10 @@ class StoreWriter:
     def write(self, kind: str, name: str, start: int, rows: torch.Tensor) -> None:
         array = self._arrays[(kind, name)]
         data = to_numpy(rows)
-        (array[start:start + rows.shape[0]] if array.rank else array).write(data).result()
+        try:
+            (array[start:start + rows.shape[0]] if array.rank else array).write(data).result()
+        except ValueError as err:
+            raise _write_error(err, self.path / self.entries[(kind, name)].path, name) from None
 
     def read(self, kind: str, name: str, start: int, stop: int) -> torch.Tensor:
         array = self._arrays[(kind, name)]
@@ -167,6 +171,15 @@ class StoreWriter:
                     "dtype": e.spec.dtype, "sha256": checksums[key]} for key, e in self.entries.items()]
         manifest = {"format": FORMAT, "version": VERSION, "tensors": tensors, "metadata": metadata}
         write_json_atomic(self.path / MANIFEST, manifest)
+
+
+def _write_error(err: ValueError, path: Path, name: str) -> BlockmergeError:
+    """A tensorstore write failure as a one-line error; a full disk is said so."""
+    code = re.search(r"os_error_code='?([0-9]+)", str(err))
+    if code and int(code.group(1)) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return BlockmergeError(f"no space left for the output ({os.strerror(int(code.group(1)))})", path=path,
+                               param=name)
+    return BlockmergeError(f"cannot write ({str(err).splitlines()[0]})", path=path, param=name)
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
