@@ -24,7 +24,7 @@ from . import memory
 from .output import Output, _os_error
 from .plan import BlockRef, plan
 from .sinks import DictSink, Sink, open_sink
-from .sources import Checkpoint, MappingCheckpoint, SafetensorsCheckpoint, StoreCheckpoint, TorchCheckpoint
+from .sources import Checkpoint
 from .store import chunk_rows
 from .tensors import FLOATING, TensorSpec, itemsize, tensor_bytes, torch_dtype
 
@@ -107,8 +107,8 @@ def _device(name: str) -> torch.device:
 def check(job: Job) -> Layout:
     """Validate names, shapes, dtypes, statistics and options; decide each tensor's action."""
     method = job.method
-    if len(job.models) < max(1, method.min_models):
-        raise BlockmergeError(f"{method.name} needs at least {max(1, method.min_models)} models, got {len(job.models)}")
+    if not job.models:
+        raise BlockmergeError(f"{method.name} needs at least one model")
     if method.needs_base and job.base is None:
         raise BlockmergeError(f"{method.name} needs a base (pretrained) checkpoint: pass base= / --base")
     if method.check is not None:
@@ -324,15 +324,9 @@ class _Engine:
 
 def _identity(ckpt: Checkpoint) -> list:
     """What identifies an input for resuming: its files' sizes and times (in-memory inputs never match)."""
-    if isinstance(ckpt, MappingCheckpoint):
+    paths = ckpt.paths()
+    if not paths:
         return [ckpt.label, uuid.uuid4().hex]
-    paths: set[Path] = set()
-    if isinstance(ckpt, SafetensorsCheckpoint):
-        paths = {f.path for f in ckpt._file_of.values()}
-    elif isinstance(ckpt, StoreCheckpoint):
-        paths = {ckpt.reader.path / "blockmerge.json"}
-    elif isinstance(ckpt, TorchCheckpoint):
-        paths = {Path(ckpt.label)}
     return [ckpt.label, sorted((str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)]
 
 

@@ -33,6 +33,10 @@ class Checkpoint:
         """The stored sha256 of a tensor's bytes, where the format records one."""
         return None
 
+    def paths(self) -> list[Path]:
+        """The files whose size and time identify this checkpoint (none when it is in memory)."""
+        return []
+
 
 class MappingCheckpoint(Checkpoint):
     """Tensors already in memory."""
@@ -85,6 +89,9 @@ class SafetensorsCheckpoint(Checkpoint):
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._file_of[name].read(name, start, stop)
 
+    def paths(self) -> list[Path]:
+        return sorted({f.path for f in self._file_of.values()})
+
 
 def _weight_map(index: Path) -> dict[str, str]:
     try:
@@ -123,10 +130,14 @@ class TorchCheckpoint(Checkpoint):
             name = sorted(set(names) ^ set(self.tensors))[0]
             raise BlockmergeError("index and shards disagree", path=path, param=name)
         self.specs = {n: _spec_of(t, self.label, n) for n, t in sorted(self.tensors.items())}
+        self._paths = files
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         t = self.tensors[name]
         return (t[start:stop] if t.dim() else t).clone()
+
+    def paths(self) -> list[Path]:
+        return self._paths
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -167,6 +178,9 @@ class StoreCheckpoint(Checkpoint):
 
     def checksum(self, name: str) -> str | None:
         return self.reader.entries[name].sha256
+
+    def paths(self) -> list[Path]:
+        return [self.reader.path / "blockmerge.json"]
 
 
 def _open_path(path: Path, kind: str) -> Checkpoint:

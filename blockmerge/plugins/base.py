@@ -70,7 +70,6 @@ class Method:
     base_statistics: tuple[str, ...] = ()
     passes: Callable[[Any, frozenset[str]], list[Pass]] = lambda hp, kinds: []
     row_blocks: bool = True
-    min_models: int = 1
     check: Callable[[Any, int], None] | None = None  # (hyperparameters, number of models); raises ValueError
 
 
