@@ -221,3 +221,12 @@ def test_bf16_family_merges_through_every_format(tmp_path):
     blockmerge.merge("dare", model_paths, base=base_path, out=tmp_path / "s", drop_rate=0.5)
     from_store = blockmerge.merge("average", [tmp_path / "s"])
     assert all(torch.equal(from_store[n], expected[n]) for n in expected)
+
+
+def test_a_merge_that_overflows_the_output_dtype_is_an_error(tmp_path):
+    base = {"w": torch.zeros(4)}
+    models = [{"w": torch.full((4,), 60000.0)} for _ in range(2)]
+    with pytest.raises(BlockmergeError, match="parameter 'w'.*NaN or Inf in float16"):
+        blockmerge.merge("task_arithmetic", models, base=base, dtype="float16", out=tmp_path / "o.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    assert blockmerge.merge("task_arithmetic", models, base=base, scaling_factor=0.5, dtype="float16")["w"][0] == 60000

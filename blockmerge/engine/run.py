@@ -316,10 +316,11 @@ class _Engine:
         if tuple(result.shape) != tuple(expected):
             raise BlockmergeError(f"{method.name} returned shape {list(result.shape)} for a block of shape "
                                   f"{list(expected)}", param=ref.name)
+        result = result.to(out_dtype)
         if not bool(torch.isfinite(result).all()):
-            raise BlockmergeError(f"{method.name} produced NaN or Inf (check the hyperparameters and statistics)",
-                                  param=ref.name)
-        return result.to(out_dtype).cpu().contiguous()
+            raise BlockmergeError(f"{method.name} produced NaN or Inf in {self.layout.out_specs[ref.name].dtype} "
+                                  "(check the hyperparameters, statistics and --dtype)", param=ref.name)
+        return result.cpu().contiguous()
 
 
 def _identity(ckpt: Checkpoint) -> list:
