@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 
 import torch
@@ -28,3 +30,20 @@ def rss_parts() -> dict[str, int]:
 
 def peak_gpu_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def return_freed_blocks_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Serve allocations above `threshold` bytes with mmap, so a freed block leaves the process.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), after which block
+    buffers come from the heap and fragment it: RSS then grows with the model. Fixing the
+    threshold keeps peak RSS set by the block budget. Returns False where libc has no mallopt.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+_M_MMAP_THRESHOLD = -3

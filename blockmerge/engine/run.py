@@ -358,6 +358,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
             files: list[Path] | None = None) -> tuple[Summary, dict[str, torch.Tensor] | None]:
     """Run the method's passes and the merge; write to `out` (atomically) or return the tensors."""
     start_time = time.perf_counter()
+    memory.return_freed_blocks_to_the_os()
     engine = _Engine(job, layout)
     summary = engine.summary
     align = {n: chunk_rows(s) if out_format == "store" else 1 for n, s in layout.out_specs.items()}

@@ -3,8 +3,9 @@
     θ* = θ_0 + λ Σ_t m_t ⊙ (θ_t − θ_0) / (1 − p),   m_t,j ~ Bernoulli(1 − p)
 
 (no division when `rescale` is false; p = 1 gives zeros, as `torch.nn.functional.dropout`).
-The mask is a counter-based hash of (seed, parameter name, model index, element index), so it
-is the same whatever the block size, device or order of work.
+The mask of elements [c·C, (c+1)·C) of a parameter is drawn on the CPU from a generator seeded
+by (seed, parameter name, model index, c), so it is the same whatever the block size, device or
+order of work.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import torch
 
 from .base import Block, Method, docstring_summary
 
-_MASK32 = 0xFFFFFFFF
-_CHUNK = 1 << 20
+CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -32,35 +32,18 @@ class Dare:
             raise ValueError(f"drop_rate must be in [0, 1], got {self.drop_rate}")
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x · c) mod 2³² for x in [0, 2³²), without overflowing int64."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def keep_mask(seed: int, name: str, model: int, offset: int, numel: int, drop_rate: float,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-    """Elements offset..offset+numel of the flattened keep-mask of one model's parameter."""
-    digest = hashlib.blake2b(f"{seed}\0{name}\0{model}".encode(), digest_size=8).digest()
-    k1, k2 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
-    threshold = min(round(drop_rate * 2.0**32), 2**32)
-    out = torch.empty(numel, dtype=torch.bool, device=device)
-    for start in range(0, numel, _CHUNK):
-        index = torch.arange(offset + start, offset + min(numel, start + _CHUNK), dtype=torch.int64, device=device)
-        h = _fmix32((index & _MASK32) ^ k1)
-        h = _fmix32(h ^ (index >> 32) ^ k2)
-        out[start:start + len(index)] = h >= threshold
-    return out
+def keep_mask(seed: int, name: str, model: int, offset: int, numel: int, drop_rate: float) -> torch.Tensor:
+    """Elements offset..offset+numel of the flattened keep-mask of one model's parameter (on the CPU)."""
+    if numel == 0:
+        return torch.ones(0, dtype=torch.bool)
+    first, last = offset // CHUNK, (offset + numel - 1) // CHUNK
+    draws = torch.empty((last - first + 1) * CHUNK)
+    for i, chunk in enumerate(range(first, last + 1)):
+        key = hashlib.blake2b(f"{seed}\0{name}\0{model}\0{chunk}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+        torch.rand(CHUNK, generator=generator, out=draws[i * CHUNK:(i + 1) * CHUNK])
+    start = offset - first * CHUNK
+    return draws[start:start + numel] >= drop_rate
 
 
 def dare(models: list[torch.Tensor], base: torch.Tensor, masks: list[torch.Tensor], drop_rate: float,
@@ -76,7 +59,7 @@ def dare(models: list[torch.Tensor], base: torch.Tensor, masks: list[torch.Tenso
 
 def _merge(block: Block, hp: Dare, state: dict) -> torch.Tensor:
     shape, numel = block.base.shape, block.base.numel()
-    masks = [keep_mask(hp.seed, block.name, t, block.offset, numel, hp.drop_rate, block.base.device).view(shape)
+    masks = [keep_mask(hp.seed, block.name, t, block.offset, numel, hp.drop_rate).view(shape).to(block.base.device)
              for t in range(len(block.models))]
     return dare(block.models, block.base, masks, hp.drop_rate, hp.scaling_factor, hp.rescale)
 
