@@ -22,7 +22,13 @@ class Output:
 
     def __init__(self, out: str | os.PathLike, request: dict, *, resume: bool, overwrite: bool):
         self.out = Path(out).absolute()
-        if self.out.exists() and not overwrite:
+        try:
+            exists = self.out.lstat() is not None
+        except FileNotFoundError:
+            exists = False
+        except OSError as err:
+            raise BlockmergeError(f"cannot write ({err.strerror})", path=self.out) from None
+        if exists and not overwrite:
             raise BlockmergeError("output already exists (pass --overwrite to replace it)", path=self.out)
         if not self.out.parent.is_dir():
             raise BlockmergeError("output directory does not exist", path=self.out.parent)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .tensors import TensorSpec
 
-DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
+DEFAULT_BLOCK_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)

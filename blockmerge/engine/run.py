@@ -53,7 +53,7 @@ class Job:
     device: str = "cpu"
     dtype: str | None = None
     compute_dtype: str = "float32"
-    block_bytes: int = 64 * 1024 * 1024
+    block_bytes: int = 32 * 1024 * 1024
     progress: bool = False
 
 
@@ -276,15 +276,17 @@ class _Engine:
         """Blocks read one ahead on a background thread, in plan order."""
         total = sum(self._ref_bytes(r) for r in refs)
         bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.job.progress, leave=False)
-        with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-read") as pool:
-            pending = pool.submit(self.read, refs[0]) if refs else None
-            for i in range(len(refs)):
-                raw = pending.result()
-                pending = pool.submit(self.read, refs[i + 1]) if i + 1 < len(refs) else None
-                self.summary.bytes_read += raw.nbytes
-                bar.update(raw.nbytes)
-                yield raw
-        bar.close()
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-read") as pool:
+                pending = pool.submit(self.read, refs[0]) if refs else None
+                for i in range(len(refs)):
+                    raw = pending.result()
+                    pending = pool.submit(self.read, refs[i + 1]) if i + 1 < len(refs) else None
+                    self.summary.bytes_read += raw.nbytes
+                    bar.update(raw.nbytes)
+                    yield raw
+        finally:
+            bar.close()
 
     def _ref_bytes(self, ref: BlockRef) -> int:
         models, with_base = self._inputs(ref)

@@ -59,8 +59,8 @@ def read_header(path: Path, fd: int) -> tuple[dict[str, tuple[TensorSpec, int]],
             dtype = from_safetensors_code(info["dtype"])
             shape = tuple(info["shape"])
             begin, end = info["data_offsets"]
-            valid = (all(isinstance(d, int) and d >= 0 for d in shape)
-                     and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+            valid = (all(type(d) is int and d >= 0 for d in shape)
+                     and type(begin) is int and type(end) is int and 0 <= begin <= end)
         except (KeyError, TypeError, ValueError):
             valid, dtype = False, None
         if not valid:
@@ -99,6 +99,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._fd = -1
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as err:
@@ -106,7 +107,7 @@ class SafetensorsFile:
         try:
             self.entries, self.metadata, self.size = read_header(self.path, self._fd)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:

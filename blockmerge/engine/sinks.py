@@ -15,7 +15,7 @@ from .store import StoreWriter, copy_files, write_json_atomic
 from .tensors import TensorSpec, torch_dtype
 
 FORMATS = ("store", "safetensors", "hf")
-PROVENANCE_FILE = "blockmerge.json"
+PROVENANCE_FILE = "blockmerge-provenance.json"
 HEADER_RESERVE = 64 * 1024
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 

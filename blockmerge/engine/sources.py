@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -142,12 +143,14 @@ class TorchCheckpoint(Checkpoint):
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0]
         raise BlockmergeError(f"refused: not a plain tensor file, loading it would run code ({first})",
@@ -184,8 +187,10 @@ class StoreCheckpoint(Checkpoint):
 
 
 def _open_path(path: Path, kind: str) -> Checkpoint:
-    if not path.exists():
-        raise BlockmergeError("no such file or directory", path=path)
+    try:
+        path.stat()
+    except OSError as err:
+        raise BlockmergeError(f"cannot open ({err.strerror.lower()})", path=path) from None
     if path.is_dir():
         if is_store(path):
             return StoreCheckpoint(path, kind)

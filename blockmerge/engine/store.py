@@ -64,7 +64,7 @@ def _array_spec(root: Path, entry: Entry, codec: str | None = None) -> dict:
     spec: dict = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / entry.path)}}
     metadata = {"shape": list(entry.spec.shape), "data_type": entry.spec.dtype}
     if codec is not None:
-        chunk = [chunk_rows(entry.spec), *entry.spec.shape[1:]] if entry.spec.shape else []
+        chunk = [chunk_rows(entry.spec), *(max(1, d) for d in entry.spec.shape[1:])] if entry.spec.shape else []
         metadata["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": chunk}}
         metadata["codecs"] = [{"name": "bytes", "configuration": {"endian": "little"}}, *CODECS[codec]]
     spec["metadata"] = metadata
@@ -88,7 +88,7 @@ def read_manifest(root: Path) -> tuple[list[Entry], dict]:
             shape, dtype, sha = tuple(item["shape"]), item["dtype"], item.get("sha256")
             ok = (isinstance(name, str) and name and kind in KINDS and isinstance(path, str)
                   and _ARRAY_PATH.match(path) and dtype in DTYPES
-                  and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and all(type(d) is int and d >= 0 for d in shape)
                   and (sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha))))
         except (KeyError, TypeError):
             ok = False
