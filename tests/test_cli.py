@@ -1,0 +1,84 @@
+"""`blockmerge merge` over safetensors and over stores, every method, against the plain references."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_family
+from safetensors.torch import load_file
+from test_methods import FLOATS, quantised_family, ties_reference
+
+from blockmerge.plugins.dare import keep_mask
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "blockmerge", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def reference(method: str, base: dict, models: list[dict]) -> dict[str, np.ndarray]:
+    b = {n: base[n].double().numpy() for n in FLOATS}
+    tau = [{n: m[n].double().numpy() - b[n] for n in FLOATS} for m in models]
+    if method == "average":
+        return {n: sum(m[n].double().numpy() for m in models) / len(models) for n in FLOATS}
+    if method == "task_arithmetic":
+        return {n: b[n] + 0.4 * sum(t[n] for t in tau) for n in FLOATS}
+    if method == "dare":
+        out = {}
+        for n in FLOATS:
+            masks = [keep_mask(3, n, i, 0, base[n].numel(), 0.5).view(base[n].shape).numpy()
+                     for i in range(len(models))]
+            out[n] = b[n] + 0.4 * sum(np.where(k, t[n], 0.0) for k, t in zip(masks, tau)) / 0.5
+        return out
+    return ties_reference(base, models, FLOATS, 0.3, 0.9)
+
+
+SETTINGS = {"average": [], "task_arithmetic": ["scaling_factor=0.4"],
+            "dare": ["scaling_factor=0.4", "drop_rate=0.5", "seed=3"], "ties": ["density=0.3", "scaling_factor=0.9"]}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    base, models = quantised_family(3, seed=9)
+    base_path, model_paths = write_family(tmp, base, models)
+    store_paths = []
+    for p in [base_path, *model_paths]:
+        run("import", str(p), str(p.with_suffix(".store")))
+        store_paths.append(p.with_suffix(".store"))
+    return tmp, base, models, [base_path, *model_paths], store_paths
+
+
+@pytest.mark.parametrize("method", list(SETTINGS))
+def test_cli_merges_safetensors_and_stores_to_the_specification(stores, method):
+    tmp, base, models, files, store_paths = stores
+    expected = reference(method, base, models)
+    for kind, inputs in (("safetensors", files), ("store", store_paths)):
+        out = tmp / f"{method}-{kind}.safetensors"
+        args = ["merge", "-q", "--method", method, "--out", str(out), "--block-size", "700"]
+        if method != "average":
+            args += ["--base", str(inputs[0])]
+        for m in inputs[1:]:
+            args += ["--model", str(m)]
+        for s in SETTINGS[method]:
+            args += ["--set", s]
+        run(*args)
+        got = load_file(out)
+        for n in FLOATS:
+            np.testing.assert_allclose(got[n].double().numpy(), expected[n], rtol=1e-6, atol=1e-6,
+                                       err_msg=f"{method} {kind} {n}")
+        assert torch.equal(got["position_ids"], base["position_ids"])
+
+
+def test_methods_command_lists_every_method_with_defaults():
+    listed = {m["name"]: m for m in json.loads(run("methods", "--json").stdout)}
+    assert {"average", "task_arithmetic", "dare", "ties"} <= set(listed)
+    assert listed["ties"]["hyperparameters"]["density"]["default"] == 0.2
+    assert listed["dare"]["hyperparameters"]["drop_rate"]["default"] == 0.9
+    assert listed["task_arithmetic"]["needs_base"] is True
