@@ -43,7 +43,7 @@ def test_killed_merge_resumes_to_identical_bytes(family, tmp_path, suffix):
     reference = tmp_path / f"reference{suffix}"
     assert cli(*merge_args(base_path, model_paths, reference)).returncode == 0
     out = tmp_path / f"out{suffix}"
-    killed = cli(*merge_args(base_path, model_paths, out), env={"BLOCKMERGE_FAULT_AFTER_BLOCKS": "3"})
+    killed = cli(*merge_args(base_path, model_paths, out), env={"BLOCKMERGE_FAULT": "block:3"})
     assert killed.returncode == -9
     assert not out.exists()
     partial = tmp_path / f".{out.name}.blockmerge-partial"
@@ -58,7 +58,7 @@ def test_killed_merge_resumes_to_identical_bytes(family, tmp_path, suffix):
 def test_rerun_without_resume_restarts_cleanly(family, tmp_path):
     base, models, base_path, model_paths = family
     out = tmp_path / "out.safetensors"
-    assert cli(*merge_args(base_path, model_paths, out), env={"BLOCKMERGE_FAULT_AFTER_BLOCKS": "2"}).returncode == -9
+    assert cli(*merge_args(base_path, model_paths, out), env={"BLOCKMERGE_FAULT": "block:2"}).returncode == -9
     summary = blockmerge.merge("ties", model_paths, base=base_path, out=out, block_size=512)
     assert summary.blocks_resumed == 0
     expected = blockmerge.merge("ties", model_paths, base=base_path)
@@ -70,7 +70,7 @@ def test_resume_redoes_a_block_whose_bytes_do_not_match_the_journal(family, tmp_
     base, models, base_path, model_paths = family
     out = tmp_path / "out.safetensors"
     assert cli(*merge_args(base_path, model_paths, out, "average"),
-               env={"BLOCKMERGE_FAULT_AFTER_BLOCKS": "3"}).returncode == -9
+               env={"BLOCKMERGE_FAULT": "block:3"}).returncode == -9
     partial = tmp_path / f".{out.name}.blockmerge-partial"
     journal = partial / "journal.jsonl"
     lines = journal.read_text().splitlines()
@@ -87,7 +87,7 @@ def test_resume_redoes_a_block_whose_bytes_do_not_match_the_journal(family, tmp_
 def test_resume_of_a_different_merge_starts_over(family, tmp_path):
     base, models, base_path, model_paths = family
     out = tmp_path / "out.safetensors"
-    assert cli(*merge_args(base_path, model_paths, out), env={"BLOCKMERGE_FAULT_AFTER_BLOCKS": "2"}).returncode == -9
+    assert cli(*merge_args(base_path, model_paths, out), env={"BLOCKMERGE_FAULT": "block:2"}).returncode == -9
     summary = blockmerge.merge("ties", model_paths, base=base_path, out=out, block_size=512, resume=True, density=0.5)
     assert summary.blocks_resumed == 0
     got, expected = load_file(out), blockmerge.merge("ties", model_paths, base=base_path, density=0.5)
@@ -115,7 +115,7 @@ def test_overwrite_replaces_only_when_complete(family, tmp_path):
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"previous")
     assert cli(*merge_args(base_path, model_paths, out)).returncode == 2
-    killed = cli(*merge_args(base_path, model_paths, out), "--overwrite", env={"BLOCKMERGE_FAULT_AFTER_BLOCKS": "1"})
+    killed = cli(*merge_args(base_path, model_paths, out), "--overwrite", env={"BLOCKMERGE_FAULT": "block:1"})
     assert killed.returncode == -9 and out.read_bytes() == b"previous"
     assert cli(*merge_args(base_path, model_paths, out), "--overwrite").returncode == 0
     assert set(load_file(out)) == set(base)
@@ -230,3 +230,16 @@ def test_a_merge_that_overflows_the_output_dtype_is_an_error(tmp_path):
         blockmerge.merge("task_arithmetic", models, base=base, dtype="float16", out=tmp_path / "o.safetensors")
     assert list(tmp_path.iterdir()) == []
     assert blockmerge.merge("task_arithmetic", models, base=base, scaling_factor=0.5, dtype="float16")["w"][0] == 60000
+
+
+def test_a_run_killed_between_the_renames_of_an_overwrite_loses_nothing(family, tmp_path):
+    base, models, base_path, model_paths = family
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous")
+    killed = cli(*merge_args(base_path, model_paths, out), "--overwrite", env={"BLOCKMERGE_FAULT": "swap:1"})
+    assert killed.returncode == -9 and not out.exists()
+    refused = cli(*merge_args(base_path, model_paths, out))
+    assert refused.returncode == 2 and "already exists" in refused.stderr
+    assert out.read_bytes() == b"previous"
+    assert cli(*merge_args(base_path, model_paths, out), "--overwrite", "--resume").returncode == 0
+    assert set(load_file(out)) == set(base)

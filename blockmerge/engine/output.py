@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import BlockmergeError
+from . import faults
 
 
 class Output:
@@ -22,6 +23,20 @@ class Output:
 
     def __init__(self, out: str | os.PathLike, request: dict, *, resume: bool, overwrite: bool):
         self.out = Path(out).absolute()
+        self.work = self.out.parent / f".{self.out.name}.blockmerge-partial"
+        self.payload = self.work / self.out.name
+        self._lock_path = self.out.parent / f".{self.out.name}.blockmerge-lock"
+        self._lock = self._acquire_lock() if self.out.parent.is_dir() else -1
+        try:
+            self._start(request, resume, overwrite)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _start(self, request: dict, resume: bool, overwrite: bool) -> None:
+        replaced = self.work / "replaced"
+        if replaced.exists() and not self.out.exists():
+            os.rename(replaced, self.out)  # a run killed mid-swap: the previous output goes back first
         try:
             exists = self.out.lstat() is not None
         except FileNotFoundError:
@@ -32,10 +47,6 @@ class Output:
             raise BlockmergeError("output already exists (pass --overwrite to replace it)", path=self.out)
         if not self.out.parent.is_dir():
             raise BlockmergeError("output directory does not exist", path=self.out.parent)
-        self.work = self.out.parent / f".{self.out.name}.blockmerge-partial"
-        self.payload = self.work / self.out.name
-        self._lock_path = self.out.parent / f".{self.out.name}.blockmerge-lock"
-        self._lock = self._acquire_lock()
         self.done: dict[tuple[str, int, int], str] = {}
         request = json.loads(json.dumps(request, sort_keys=True))
         request_path = self.work / "request.json"
@@ -50,7 +61,6 @@ class Output:
             self.resumed = bool(self.done)
             self._journal = open(journal_path, "a")
         except OSError as err:
-            self._release_lock()
             raise _os_error(err, self.work) from None
 
     def _acquire_lock(self) -> int:
@@ -86,9 +96,11 @@ class Output:
         """Move the finished output onto OUT (replacing it when allowed) and clean up."""
         self._journal.close()
         _fsync_tree(self.payload)
+        faults.point("commit")
         old = self.work / "replaced"
         if self.out.exists():
             os.rename(self.out, old)
+            faults.point("swap")
         os.rename(self.payload, self.out)
         _fsync_dir(self.out.parent)
         shutil.rmtree(self.work, ignore_errors=True)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import BlockmergeError
 from ..plugins import Block, Common, Method, get
-from . import memory
+from . import faults, memory
 from .output import Output, _os_error
 from .plan import BlockRef, plan
 from .sinks import DictSink, Sink, open_sink
@@ -36,7 +36,6 @@ STAT_SHAPES = {
     "gram_out": lambda s: (s[0], s[0]) if len(s) == 2 else None,
     "blockwise_fisher": lambda s: (s[0], s[0]) if len(s) == 1 else None,
 }
-FAULT_ENV = "BLOCKMERGE_FAULT_AFTER_BLOCKS"  # tests: SIGKILL this process after writing N blocks
 
 
 @dataclass
@@ -283,6 +282,7 @@ class _Engine:
                     raw = pending.result()
                     pending = pool.submit(self.read, refs[i + 1]) if i + 1 < len(refs) else None
                     self.summary.bytes_read += raw.nbytes
+                    bar.set_postfix_str(f"block {i + 1}/{len(refs)}", refresh=False)
                     bar.update(raw.nbytes)
                     yield raw
         finally:
@@ -428,6 +428,7 @@ def _run_passes(engine: _Engine, refs: list[BlockRef]) -> dict:
             block = engine.to_block(raw)
             acc = p.fold(acc, p.map(block, job.hyperparameters, state), block)
             _sample_memory(engine)
+            faults.point("pass")
         state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, state))
     engine.summary.passes = len(passes) + 1
     return state
@@ -436,8 +437,6 @@ def _run_passes(engine: _Engine, refs: list[BlockRef]) -> dict:
 def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, output: Output | None) -> dict:
     engine.input_hashes = {}
     out_hashes: dict[str, Any] = {}
-    fault_after = int(os.environ.get(FAULT_ENV, "0"))
-    written = 0
     for raw in engine.blocks(refs, engine.job.method.name):
         ref = raw.ref
         hasher = out_hashes.setdefault(ref.name, hashlib.sha256())
@@ -450,15 +449,14 @@ def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, 
                 continue
         result = engine.compute_block(raw, state)
         sink.write(ref.name, ref.start, result)
+        faults.point("write")
         data = tensor_bytes(result)
         hasher.update(data)
         engine.summary.bytes_written += len(data)
         if output is not None:
             output.record(ref.name, ref.start, ref.stop, hashlib.sha256(data).hexdigest())
         _sample_memory(engine)
-        written += 1
-        if fault_after and written >= fault_after:
-            os.kill(os.getpid(), 9)
+        faults.point("block")
     return {n: h.hexdigest() for n, h in out_hashes.items()}
 
 
