@@ -65,7 +65,10 @@ class Output:
 
     def _acquire_lock(self) -> int:
         while True:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise BlockmergeError(f"cannot write ({err.strerror})", path=self.out) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
