@@ -357,8 +357,12 @@ def _jsonable(obj: Any) -> Any:
 
 def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, out_format: str = "store",
             codec: str = "none", shard_bytes: int = 0, resume: bool = False, overwrite: bool = False,
-            files: list[Path] | None = None) -> tuple[Summary, dict[str, torch.Tensor] | None]:
-    """Run the method's passes and the merge; write to `out` (atomically) or return the tensors."""
+            files: list[Path] | None = None, kind: str = "param",
+            metadata: dict | None = None) -> tuple[Summary, dict[str, torch.Tensor] | None]:
+    """Run the method's passes and the merge; write to `out` (atomically) or return the tensors.
+
+    `kind` and `metadata` label a store output (a statistic computed through the engine).
+    """
     start_time = time.perf_counter()
     memory.return_freed_blocks_to_the_os()
     engine = _Engine(job, layout)
@@ -382,7 +386,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
             sink = DictSink(layout.out_specs)
         else:
             sink = open_sink(output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
-                             files=files or [], create=not output.resumed)
+                             files=files or [], create=not output.resumed, kind=kind)
         state = _run_passes(engine, refs)
         checksums = _merge_pass(engine, refs, sink, state, output)
         summary.tensors_merged = sum(a == "merge" for a in layout.actions.values())
@@ -390,7 +394,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
         summary.tensors_averaged_missing_statistic = sum(a == "average" for a in layout.actions.values())
         summary.blocks = len(refs)
         if output is not None:
-            sink.seal(checksums, _provenance(job, engine, checksums))
+            sink.seal(checksums, {**_provenance(job, engine, checksums), **(metadata or {})})
             output.commit()
             summary.output = str(output.out)
     except KeyboardInterrupt:

@@ -50,22 +50,25 @@ class DictSink(Sink):
 
 
 class StoreSink(Sink):
-    def __init__(self, path: Path, specs: dict[str, TensorSpec], codec: str, files: list[Path], *, create: bool):
-        self.path = path
+    """A blockmerge store whose arrays are all of one kind (`param` for checkpoints, or a statistic)."""
+
+    def __init__(self, path: Path, specs: dict[str, TensorSpec], codec: str, files: list[Path], *, create: bool,
+                 kind: str = "param"):
+        self.path, self.kind = path, kind
         if create:
             path.mkdir()
             if files:
                 copy_files(files, path / "files")
-        self.writer = StoreWriter(path, {("param", n): s for n, s in specs.items()}, codec, create=create)
+        self.writer = StoreWriter(path, {(kind, n): s for n, s in specs.items()}, codec, create=create)
 
     def write(self, name, start, rows):
-        self.writer.write("param", name, start, rows)
+        self.writer.write(self.kind, name, start, rows)
 
     def read(self, name, start, stop):
-        return self.writer.read("param", name, start, stop)
+        return self.writer.read(self.kind, name, start, stop)
 
     def seal(self, checksums, provenance):
-        self.writer.seal({("param", n): c for n, c in checksums.items()}, provenance)
+        self.writer.seal({(self.kind, n): c for n, c in checksums.items()}, provenance)
 
 
 def shard_names(specs: dict[str, TensorSpec], shard_bytes: int) -> dict[str, str]:
@@ -133,10 +136,10 @@ def infer_format(out: str | os.PathLike, format: str | None) -> str:
 
 
 def open_sink(path: Path, format: str, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int,
-              files: list[Path], create: bool) -> Sink:
-    """The sink writing `format` at `path` (created, or reopened to resume)."""
+              files: list[Path], create: bool, kind: str = "param") -> Sink:
+    """The sink writing `format` at `path` (created, or reopened to resume); a store's arrays are of `kind`."""
     if format == "store":
-        return StoreSink(path, specs, codec, files, create=create)
+        return StoreSink(path, specs, codec, files, create=create, kind=kind)
     single = path.name.endswith(".safetensors")
     return SafetensorsSink(path, specs, shard_bytes, files if format == "hf" else [], create=create, single=single)
 

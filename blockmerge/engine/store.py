@@ -146,12 +146,21 @@ class StoreWriter:
         if codec not in CODECS:
             raise BlockmergeError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
         self.path = Path(root)
-        self.entries = {key: Entry(key[1], key[0], f"arrays/{i:06d}", spec, None)
-                        for i, (key, spec) in enumerate(sorted(specs.items()))}
+        self.codec = codec
+        self.entries: dict[tuple[str, str], Entry] = {}
         self._arrays = {}
-        for key, entry in self.entries.items():
-            self._arrays[key] = ts.open(_array_spec(self.path, entry, codec),
-                                        create=create, open=not create, delete_existing=create).result()
+        for key, spec in sorted(specs.items()):
+            self.add(key[0], key[1], spec, create=create)
+
+    def add(self, kind: str, name: str, spec: TensorSpec, *, create: bool = True) -> None:
+        """Create (or reopen) the array of one more tensor."""
+        entry = Entry(name, kind, f"arrays/{len(self.entries):06d}", spec, None)
+        self.entries[(kind, name)] = entry
+        try:
+            self._arrays[(kind, name)] = ts.open(_array_spec(self.path, entry, self.codec), create=create,
+                                                 open=not create, delete_existing=create).result()
+        except ValueError as err:
+            raise _write_error(err, self.path / entry.path, name) from None
 
     def write(self, kind: str, name: str, start: int, rows: torch.Tensor) -> None:
         array = self._arrays[(kind, name)]

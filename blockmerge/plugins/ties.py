@@ -99,7 +99,8 @@ def _dense(counts, size: int) -> list[torch.Tensor]:
     return list(counts)
 
 
-def _trim_passes(hp: Ties) -> list[Pass]:
+def trim_passes(hp: Ties) -> list[Pass]:
+    """The two radix-select passes that find each model's exact trim threshold (`state["threshold"]`)."""
     def top_counts(block: Block, hp: Ties, state: dict) -> torch.Tensor:
         return torch.stack([torch.bincount((magnitude_bits(m - block.base) >> 16).flatten(), minlength=TOP_BINS).cpu()
                             for m in block.models])
@@ -138,7 +139,8 @@ def _trim_passes(hp: Ties) -> list[Pass]:
             Pass(low_counts, _fold_counts(hp.trim), find_threshold)]
 
 
-def _trimmed(block: Block, hp: Ties, state: dict) -> list[torch.Tensor]:
+def trimmed_task_vectors(block: Block, hp: Ties, state: dict) -> list[torch.Tensor]:
+    """τ̂_t of a block: the given `trimmed` statistics, or the task vectors cut at the found thresholds."""
     if "trimmed" in block.stats:
         return block.stats["trimmed"]
     thresholds = state["threshold"][_group(block, hp.trim)]
@@ -147,7 +149,7 @@ def _trimmed(block: Block, hp: Ties, state: dict) -> list[torch.Tensor]:
 
 def _majority_pass(hp: Ties) -> Pass:
     def sign_sum(block: Block, hp: Ties, state: dict) -> int:
-        total = _trimmed(block, hp, state)
+        total = trimmed_task_vectors(block, hp, state)
         s = total[0].clone()
         for t in total[1:]:
             s += t
@@ -166,13 +168,13 @@ def _majority_pass(hp: Ties) -> Pass:
 
 
 def _passes(hp: Ties, kinds: frozenset[str]) -> list[Pass]:
-    trim_passes = [] if "trimmed" in kinds else _trim_passes(hp)
-    return [*trim_passes, _majority_pass(hp)]
+    trimming = [] if "trimmed" in kinds else trim_passes(hp)
+    return [*trimming, _majority_pass(hp)]
 
 
 def _merge(block: Block, hp: Ties, state: dict) -> torch.Tensor:
     majority = state["majority"][_group(block, hp.majority_sign)]
-    merged = elect_and_merge(_trimmed(block, hp, state), majority)
+    merged = elect_and_merge(trimmed_task_vectors(block, hp, state), majority)
     return block.base + merged * hp.scaling_factor
 
 
