@@ -222,4 +222,26 @@ def inspect(path: str, as_json: bool) -> None:
         click.echo(f"kinds: {', '.join(info['kinds'])}")
 
 
+@main.group()
+def stats() -> None:
+    """Compute statistics of a model (Fisher, Gram matrices, trimmed task vectors) into a store."""
+
+
+@stats.command("trimmed")
+@click.option("--model", required=True, help="Fine-tuned checkpoint.")
+@click.option("--base", required=True, help="Pretrained checkpoint.")
+@click.option("--density", default=0.2, show_default=True, type=float, help="Kept fraction K of the task vector.")
+@click.option("--out", "-o", required=True, help="Statistics store to write.")
+@click.option("--block-size", default=None, help="Bytes of inputs per block.")
+@click.option("--overwrite", is_flag=True)
+@_errors
+def stats_trimmed(model: str, base: str, density: float, out: str, block_size: str | None, overwrite: bool) -> None:
+    """The task vector trimmed to its global top-DENSITY magnitudes (TIES's trim, METHODS.md §4.3)."""
+    from .stats.trimmed import trimmed
+
+    options = {"block_size": block_size} if block_size else {}
+    summary = trimmed(model, base, out, density=density, overwrite=overwrite, progress=True, **options)
+    click.echo(f"trimmed task vector of {model} written to {summary.output} ({summary.seconds:.1f} s)")
+
+
 main.add_command(demo)

@@ -61,3 +61,24 @@ def test_trimmed_refuses_a_mismatched_base_and_a_bad_density(tmp_path):
     with pytest.raises(BlockmergeError, match="density"):
         trimmed(model_paths[0], base_path, tmp_path / "t", density=0.0)
     assert not (tmp_path / "t").exists()
+
+
+def test_stats_trimmed_command_feeds_ties(tmp_path):
+    from click.testing import CliRunner
+
+    from blockmerge.cli import main
+
+    base, models = quantised_family(2, seed=8)
+    base_path, model_paths = write_family(tmp_path, base, models)
+    for i, p in enumerate(model_paths):
+        result = CliRunner().invoke(main, ["stats", "trimmed", "--model", str(p), "--base", str(base_path),
+                                           "--density", "0.4", "--out", str(tmp_path / f"t{i}")])
+        assert result.exit_code == 0, result.output
+    merged = CliRunner().invoke(main, ["merge", "-q", "--method", "ties", "--base", str(base_path),
+                                       *sum((["--model", str(p)] for p in model_paths), []),
+                                       "--stats", f"0={tmp_path / 't0'}", "--stats", f"1={tmp_path / 't1'}",
+                                       "--out", str(tmp_path / "m.safetensors")])
+    assert merged.exit_code == 0, merged.output
+    from safetensors.torch import load_file
+    got, direct = load_file(tmp_path / "m.safetensors"), blockmerge.merge("ties", models, base=base, density=0.4)
+    assert all(torch.equal(got[n], direct[n]) for n in direct)
