@@ -17,7 +17,7 @@ from . import api
 from .demo import demo
 from .engine.plan import DEFAULT_BLOCK_BYTES
 from .engine.run import Summary
-from .engine.sinks import FORMATS
+from .engine.sinks import FORMATS, parse_size
 from .errors import BlockmergeError
 
 CONFIG_KEYS = {"method", "models", "base", "base_stats", "set", "out", "format", "block_size", "device", "dtype",
@@ -242,6 +242,79 @@ def stats_trimmed(model: str, base: str, density: float, out: str, block_size: s
     options = {"block_size": block_size} if block_size else {}
     summary = trimmed(model, base, out, density=density, overwrite=overwrite, progress=True, **options)
     click.echo(f"trimmed task vector of {model} written to {summary.output} ({summary.seconds:.1f} s)")
+
+
+def _task_options(fn):
+    options = [
+        click.option("--model", required=True, help="Hugging Face model directory (config, weights, tokenizer)."),
+        click.option("--data", help="Examples: JSON/JSONL/CSV/Parquet file(s) or a datasets directory."),
+        click.option("--task", "task_file", help="Task file (YAML/JSON with the TaskSpec fields) instead of flags."),
+        click.option("--split", default="train", show_default=True),
+        click.option("--text-column", default="text", show_default=True),
+        click.option("--text-pair-column", default=None),
+        click.option("--label-column", default="label", show_default=True),
+        click.option("--target-column", default=None, help="Target text (seq2seq / causal LM)."),
+        click.option("--max-length", default=128, show_default=True, type=int),
+        click.option("--labels", default="empirical", show_default=True,
+                     type=click.Choice(["empirical", "sampled", "exact"])),
+        click.option("--num-examples", default=1000, show_default=True, type=int),
+        click.option("--batch-size", default=8, show_default=True, type=int),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--out", "-o", required=True, help="Statistics store to write."),
+        click.option("--overwrite", is_flag=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _compute(statistic: str, model: str, data: str | None, task_file: str | None, split: str, text_column: str,
+             text_pair_column: str | None, label_column: str, target_column: str | None, max_length: int,
+             **options: Any) -> None:
+    from .stats.compute import compute
+    from .stats.data import TaskSpec
+
+    if task_file:
+        task = TaskSpec.from_file(task_file)
+    elif data:
+        task = TaskSpec(data=data, split=split, text_column=text_column, text_pair_column=text_pair_column,
+                        label_column=label_column, target_column=target_column, max_length=max_length)
+    else:
+        raise BlockmergeError("pass --data (with column options) or --task")
+    summary = compute(statistic, model, task, options.pop("out"), progress=True, **options)
+    click.echo(f"{', '.join(summary['kinds'])} of {model}: {summary['examples']} examples, {summary['tokens']} "
+               f"tokens, {summary['seconds']:.1f} s, peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+@stats.command("fisher")
+@_task_options
+@click.option("--parameters", default=None, help="Regex of parameter names (default: every trainable one).")
+@_errors
+def stats_fisher(**kwargs: Any) -> None:
+    """Diagonal Fisher: mean squared per-example gradient of log p(y|x) (METHODS.md §5.5)."""
+    _compute("fisher", **kwargs)
+
+
+@stats.command("gram")
+@_task_options
+@click.option("--inputs/--no-inputs", default=True, show_default=True, help="Gram of Linear inputs (gram_in).")
+@click.option("--outputs/--no-outputs", default=False, show_default=True,
+              help="Gram of Linear output gradients (gram_out).")
+@click.option("--max-memory", default=None, help="Bound on accumulators held at once (e.g. 2GiB).")
+@_errors
+def stats_gram(max_memory: str | None, **kwargs: Any) -> None:
+    """Gram matrices of every Linear layer's inputs and/or output gradients (METHODS.md §6.2, §7.5)."""
+    _compute("gram", max_memory=parse_size(max_memory) if max_memory else None, **kwargs)
+
+
+@stats.command("blockwise-fisher")
+@_task_options
+@click.option("--parameters", required=True, help="Regex of the vector parameters (e.g. '.*ia3.*').")
+@_errors
+def stats_blockwise_fisher(**kwargs: Any) -> None:
+    """Per-vector Fisher blocks: mean outer product of per-example gradients (METHODS.md §5.5)."""
+    _compute("blockwise_fisher", **kwargs)
 
 
 main.add_command(demo)

@@ -1,0 +1,239 @@
+"""Diagonal and blockwise Fisher information of a model over examples (METHODS.md §5.5, §9, §16).
+
+Diagonal Fisher (kind ``fisher``), one tensor per parameter, the parameter's shape::
+
+    F = (1/N) Σ_n g_n ⊙ g_n,        g_n = ∇_θ log p(y_n | x_n)
+
+Blockwise Fisher (kind ``blockwise_fisher``) for vectors ``v ∈ R^n`` (IA³ scalings), ``[n, n]``::
+
+    F = (1/N) Σ_n g_n g_nᵀ
+
+``log p(y|x)`` is :func:`blockmerge.stats.models.log_likelihood` (classification: log-softmax at the label;
+seq2seq / causal LM: minus the mean target-token cross-entropy). Labels:
+
+* ``empirical`` — the gold label / target (MaTS, REALISTIC default);
+* ``sampled`` — one label drawn per example from the model (MaTS ``--use_true_fisher``, UBGM): a class from
+  the softmax, or for generative models a sequence from ``generate(do_sample=True)``;
+* ``exact`` — classification only: the expectation over classes, ``Σ_c p(c|x) (∇ log p(c|x))²`` (FISHER).
+
+Per-example gradients come from ``torch.func.vmap`` over ``torch.func.grad`` of a ``functional_call``, so the
+batch size is only a speed (and memory: B per-example gradients are live at once) choice: the result is the
+batch-size-1 loop of MaTS. ``vectorize=False`` runs that loop with plain autograd instead (least memory).
+The model is put in eval mode (restored afterwards) and moved to ``device``; accumulators are float32.
+Parameters whose gradient does not exist (``grad is None``: not used by the forward) get no Fisher, as in
+REALISTIC.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import BlockmergeError
+from .models import (
+    check_class_labels,
+    check_label_mode,
+    count_tokens,
+    functional_mode,
+    log_likelihood,
+    model_kind,
+    prepare,
+    sample_labels,
+    to_device,
+)
+
+_DATA_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "decoder_input_ids",
+              "decoder_attention_mask", "target_mask")
+
+
+@dataclass
+class Statistics:
+    """Statistics of one model: ``tensors[kind][parameter name]`` float32 CPU tensors, and what they cover."""
+
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    examples: int = 0
+    tokens: int = 0          # encoder / input tokens (attention mask) counted
+    target_tokens: int = 0   # decoder / target tokens that entered the loss (0 for classification)
+    labels: str = "empirical"
+
+
+def select_parameters(model: nn.Module, parameters: str | None) -> dict[str, nn.Parameter]:
+    """Trainable parameters (``requires_grad``) whose name fully matches the regex ``parameters`` (all if None)."""
+    try:
+        pattern = re.compile(parameters) if parameters is not None else None
+    except re.error as e:
+        raise BlockmergeError(f"bad parameters regex {parameters!r}: {e}") from e
+    chosen = {n: p for n, p in model.named_parameters()
+              if p.requires_grad and (pattern is None or pattern.fullmatch(n))}
+    if not chosen:
+        raise BlockmergeError(f"no trainable parameter matches {parameters!r}" if parameters is not None
+                              else f"{type(model).__name__} has no trainable parameters")
+    return chosen
+
+
+def _example_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in _DATA_KEYS if k in batch}
+
+
+class _Gradients:
+    """Per-example gradients of log p(y|x) for the selected parameters: vmap, or a batch-1 autograd loop."""
+
+    def __init__(self, model: nn.Module, kind: str, params: dict[str, torch.Tensor], vectorize: bool):
+        self.model, self.kind, self.params, self.vectorize = model, kind, params, vectorize
+
+        def one(p: dict[str, torch.Tensor], example: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            ll = log_likelihood(model, {k: v.unsqueeze(0) for k, v in example.items()}, kind, params=p)[0]
+            return ll, ll.detach()
+
+        self._vmapped = torch.func.vmap(torch.func.grad(one, has_aux=True), in_dims=(None, 0))
+
+    def used(self, batch: Mapping[str, torch.Tensor]) -> set[str]:
+        """Names of parameters that receive a gradient from the first example (``grad is not None``)."""
+        params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        example = {k: v[:1] for k, v in _example_inputs(batch).items()}
+        ll = log_likelihood(self.model, example, self.kind, params=params)[0]
+        grads = torch.autograd.grad(ll, list(params.values()), allow_unused=True)
+        return {n for n, g in zip(params, grads) if g is not None}
+
+    def _loop(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        data = _example_inputs(batch)
+        n = data["input_ids"].shape[0]
+        params = {name: p.detach().requires_grad_(True) for name, p in self.params.items()}
+        grads: dict[str, list[torch.Tensor]] = {name: [] for name in params}
+        values = []
+        for b in range(n):
+            ll = log_likelihood(self.model, {k: v[b:b + 1] for k, v in data.items()}, self.kind, params=params)[0]
+            gs = torch.autograd.grad(ll, list(params.values()), allow_unused=True)
+            for (name, p), g in zip(params.items(), gs):
+                grads[name].append(torch.zeros_like(p) if g is None else g)
+            values.append(ll.detach())
+        return {name: torch.stack(gs) for name, gs in grads.items()}, torch.stack(values)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(gradients ``{name: [B, *shape]}``, log-likelihoods ``[B]``) of a prepared batch."""
+        if self.vectorize:
+            try:
+                return self._vmapped(self.params, _example_inputs(batch))
+            except RuntimeError as e:  # a model with data-dependent Python control flow cannot be vmapped
+                if "vmap" not in str(e) and "functorch" not in str(e):
+                    raise
+                warnings.warn(f"{type(self.model).__name__} cannot be vectorized with torch.func.vmap "
+                              f"({str(e).splitlines()[0][:200]}); computing per-example gradients one by one",
+                              RuntimeWarning, stacklevel=3)
+                self.vectorize = False
+        return self._loop(batch)
+
+
+def _check_finite(grads: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], note: str = "") -> None:
+    for name, g in grads.items():
+        ok = torch.isfinite(g).reshape(g.shape[0], -1).all(1)
+        if not bool(ok.all()):
+            b = int((~ok).nonzero()[0, 0])
+            index = int(batch["index"][b]) if "index" in batch else b
+            raise BlockmergeError(f"non-finite gradient of log p(y|x) at example {index}{note}", param=name)
+
+
+def _accumulate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, params: dict[str, nn.Parameter],
+                reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: Callable[[torch.Tensor], tuple],
+                stat: str, labels: str, seed: int, device: str | torch.device, progress: bool,
+                max_new_tokens: int, vectorize: bool) -> Statistics:
+    kind = model_kind(model)
+    check_label_mode(labels, kind)
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    detached = {n: p.detach() for n, p in params.items()}
+    grads_of = _Gradients(model, kind, detached, vectorize)
+    acc: dict[str, torch.Tensor] = {}
+    used: set[str] | None = None
+    stats = Statistics(labels=labels)
+    offset = 0
+    from tqdm.auto import tqdm
+
+    try:
+        with functional_mode(model):
+            for raw in tqdm(batches, desc=stat, unit="batch", disable=not progress):
+                batch = to_device(raw, device)
+                n = int(batch["input_ids"].shape[0])
+                if kind == "classification" and labels == "empirical":
+                    check_class_labels(model, batch, _num_classes(model, batch, kind))
+                if labels == "sampled":
+                    batch = sample_labels(model, batch, kind, seed=seed, max_new_tokens=max_new_tokens,
+                                          offset=offset)
+                batch = prepare(model, batch, kind)
+                if used is None:
+                    used = grads_of.used(batch)
+                    acc = {name: torch.zeros(shape(p), dtype=torch.float32, device=device)
+                           for name, p in detached.items() if name in used}
+                if labels == "exact":
+                    for c in range(_num_classes(model, batch, kind)):
+                        batch_c = dict(batch, labels=torch.full_like(batch["labels"], c))
+                        grads, ll = grads_of(batch_c)
+                        _check_finite(grads, batch, f" (class {c})")
+                        weight = ll.float().exp()
+                        for name in acc:
+                            acc[name] += reduce(grads[name].float(), weight)
+                else:
+                    grads, _ = grads_of(batch)
+                    _check_finite(grads, batch)
+                    weight = torch.ones(n, dtype=torch.float32, device=device)
+                    for name in acc:
+                        acc[name] += reduce(grads[name].float(), weight)
+                tokens, target_tokens = count_tokens(batch, kind)
+                stats.examples += n
+                stats.tokens += tokens
+                stats.target_tokens += target_tokens
+                offset += n
+    finally:
+        model.train(was_training)
+    if stats.examples == 0:
+        raise BlockmergeError("no examples: the batches are empty")
+    stats.tensors[stat] = {name: (a / stats.examples).cpu() for name, a in acc.items()}
+    return stats
+
+
+def _num_classes(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> int:
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    if n is None:  # pragma: no cover - every transformers config has num_labels
+        raise BlockmergeError(f"{type(model).__name__}: config has no num_labels")
+    return int(n)
+
+
+def fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, labels: str = "empirical",
+           seed: int = 0, device: str | torch.device = "cpu", progress: bool = False, parameters: str | None = None,
+           max_new_tokens: int = 64, vectorize: bool = True) -> Statistics:
+    """Diagonal Fisher ``(1/N) Σ_n g_n²`` of every selected parameter (METHODS.md §5.5; kind ``fisher``).
+
+    ``batches`` are those of :func:`blockmerge.stats.data.batches`; ``labels`` is ``empirical``, ``sampled``
+    (seeded per example by ``seed``; generative models sample at most ``max_new_tokens`` tokens) or ``exact``
+    (classification only). ``parameters`` is a regex (full match) of the trainable parameters to include
+    (default all). A NaN/Inf gradient raises :class:`BlockmergeError` naming the parameter and the example.
+    """
+    params = select_parameters(model, parameters)
+    return _accumulate(model, batches, params=params, reduce=lambda g, w: torch.einsum("b...,b->...", g * g, w),
+                       shape=lambda p: tuple(p.shape), stat="fisher", labels=labels, seed=seed, device=device,
+                       progress=progress, max_new_tokens=max_new_tokens, vectorize=vectorize)
+
+
+def blockwise_fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, parameters: str,
+                     labels: str = "empirical", seed: int = 0, device: str | torch.device = "cpu",
+                     progress: bool = False, max_new_tokens: int = 64, vectorize: bool = True) -> Statistics:
+    """Blockwise Fisher ``(1/N) Σ_n g_n g_nᵀ`` ``[n, n]`` of each vector parameter matching the regex
+    ``parameters`` (IA³ scalings; MaTS ``compute_blockwiseFisher``, METHODS.md §5.5; kind ``blockwise_fisher``).
+
+    Every matching parameter must be 1-D. Other arguments as :func:`fisher`.
+    """
+    params = select_parameters(model, parameters)
+    for name, p in params.items():
+        if p.dim() != 1:
+            raise BlockmergeError(f"blockwise Fisher needs vectors; shape {list(p.shape)} matches {parameters!r}",
+                                  param=name)
+    return _accumulate(model, batches, params=params, reduce=lambda g, w: torch.einsum("bi,bj,b->ij", g, g, w),
+                       shape=lambda p: (p.shape[0], p.shape[0]), stat="blockwise_fisher", labels=labels, seed=seed,
+                       device=device, progress=progress, max_new_tokens=max_new_tokens, vectorize=vectorize)
