@@ -10,6 +10,8 @@ from typing import Any
 from ..engine import memory
 from ..errors import BlockmergeError
 from .data import TaskSpec, batches, load_task
+from .fisher import blockwise_fisher, fisher
+from .gram import gram
 from .models import model_kind
 from .store import StatisticsWriter, model_sha256
 
@@ -44,9 +46,6 @@ def compute(statistic: str, model_path: str | os.PathLike, task: TaskSpec, out: 
 
     Returns the summary written into the store's metadata (examples, tokens, seconds, peak RSS).
     """
-    from . import fisher as fisher_module
-    from . import gram as gram_module
-
     start = time.perf_counter()
     model, tokenizer = load_model(model_path, device)
     kind = model_kind(model)
@@ -56,13 +55,13 @@ def compute(statistic: str, model_path: str | os.PathLike, task: TaskSpec, out: 
     with StatisticsWriter(out, overwrite=overwrite) as writer:
         common = {"labels": labels, "seed": seed, "device": device, "progress": progress}
         if statistic == "fisher":
-            result = fisher_module.fisher(model, data, parameters=parameters, **common)
+            result = fisher(model, data, parameters=parameters, **common)
         elif statistic == "blockwise_fisher":
             if parameters is None:
                 raise BlockmergeError("blockwise Fisher needs --parameters (a regex of vector parameters)")
-            result = fisher_module.blockwise_fisher(model, data, parameters=parameters, **common)
+            result = blockwise_fisher(model, data, parameters=parameters, **common)
         elif statistic == "gram":
-            result = gram_module.gram(model, data, inputs=inputs, outputs=outputs, max_memory=max_memory,
+            result = gram(model, data, inputs=inputs, outputs=outputs, max_memory=max_memory,
                                       spill=writer.add, **common)
         else:
             raise BlockmergeError(f"unknown statistic {statistic!r} (fisher, gram, blockwise_fisher)")
