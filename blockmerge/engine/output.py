@@ -54,10 +54,14 @@ class Output:
         try:
             if resume and request_path.is_file() and json.loads(request_path.read_text()) == request:
                 self.done = _read_journal(journal_path)
-            else:
+            if not self.done:
                 shutil.rmtree(self.work, ignore_errors=True)
-                self.work.mkdir()
-                request_path.write_text(json.dumps(request, sort_keys=True))
+                try:
+                    self.work.mkdir()
+                    request_path.write_text(json.dumps(request, sort_keys=True))
+                except OSError:
+                    shutil.rmtree(self.work, ignore_errors=True)
+                    raise
             self.resumed = bool(self.done)
             self._journal = open(journal_path, "a")
         except OSError as err:

@@ -256,19 +256,18 @@ class _Engine:
         base = self._read(job.base, len(job.models), ref.name, *rows) if with_base else None
         stats, base_stats = {}, {}
         if ref.action == "merge":
-            shape = self.layout.specs[ref.name].shape
             for kind in self.layout.stat_kinds[ref.name]:
-                stats[kind] = [self._read_stat(s[kind], ref, shape) for s in job.stats]
+                stats[kind] = [self._read_stat(s[kind], kind, ref) for s in job.stats]
             for kind in job.method.base_statistics:
-                base_stats[kind] = self._read_stat(job.base_stats[kind], ref, shape)
+                base_stats[kind] = self._read_stat(job.base_stats[kind], kind, ref)
         nbytes = sum(t.numel() * t.element_size() for t in [*raw_models, *([base] if base is not None else []),
                                                              *(x for v in stats.values() for x in v),
                                                              *base_stats.values()])
         return _Raw(ref, raw_models, base, stats, base_stats, nbytes)
 
-    def _read_stat(self, ckpt: Checkpoint, ref: BlockRef, shape: tuple[int, ...]) -> torch.Tensor:
-        spec = ckpt.specs[ref.name]
-        start, stop = (ref.start, ref.stop) if spec.shape == shape else (0, spec.rows)
+    def _read_stat(self, ckpt: Checkpoint, kind: str, ref: BlockRef) -> torch.Tensor:
+        """A statistic of the parameter's own shape is cut to the block's rows; others (Grams) are whole."""
+        start, stop = (ref.start, ref.stop) if STAT_SHAPES[kind] is None else (0, ckpt.specs[ref.name].rows)
         return self._read(ckpt, -1, ref.name, start, stop)
 
     def blocks(self, refs: list[BlockRef], desc: str) -> Iterator[_Raw]:

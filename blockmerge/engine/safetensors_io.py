@@ -8,6 +8,7 @@ larger than memory is written without holding it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -41,7 +42,7 @@ def read_header(path: Path, fd: int) -> tuple[dict[str, tuple[TensorSpec, int]],
     raw = os.pread(fd, header_len, 8)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise BlockmergeError(f"corrupt safetensors header ({err})", path=path) from None
     if not isinstance(header, dict):
         raise BlockmergeError("corrupt safetensors header (not a JSON object)", path=path)
@@ -59,7 +60,8 @@ def read_header(path: Path, fd: int) -> tuple[dict[str, tuple[TensorSpec, int]],
             dtype = from_safetensors_code(info["dtype"])
             shape = tuple(info["shape"])
             begin, end = info["data_offsets"]
-            valid = (all(type(d) is int and d >= 0 for d in shape)
+            valid = (all(type(d) is int and d >= 0 for d in shape) and len(shape) <= 64
+                     and math.prod(max(d, 1) for d in shape) < 2**62
                      and type(begin) is int and type(end) is int and 0 <= begin <= end)
         except (KeyError, TypeError, ValueError):
             valid, dtype = False, None

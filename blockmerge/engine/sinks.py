@@ -94,6 +94,9 @@ class SafetensorsSink(Sink):
     def __init__(self, path: Path, specs: dict[str, TensorSpec], shard_bytes: int, files: list[Path], *,
                  create: bool, single: bool):
         self.path, self.specs, self.single = path, specs, single
+        if "__metadata__" in specs:
+            raise BlockmergeError("a safetensors output cannot hold a tensor named '__metadata__' (the header's "
+                                  "reserved key); write a store", path=path)
         self.shard_of = dict.fromkeys(specs, path.name) if single else shard_names(specs, shard_bytes)
         if not single and create:
             path.mkdir()

@@ -77,17 +77,19 @@ def read_manifest(root: Path) -> tuple[list[Entry], dict]:
         raw = json.loads((root / MANIFEST).read_text())
     except FileNotFoundError:
         raise BlockmergeError(f"not a blockmerge store (no {MANIFEST})", path=root) from None
-    except (OSError, ValueError, UnicodeDecodeError) as err:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as err:
         raise BlockmergeError(f"corrupt store manifest ({err})", path=root / MANIFEST) from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("version") != VERSION:
         raise BlockmergeError(f"not a {FORMAT} version {VERSION} manifest", path=root / MANIFEST)
     entries, seen, paths = [], set(), set()
+    if not isinstance(raw.get("tensors", []), list):
+        raise BlockmergeError("corrupt store manifest (tensors is not a list)", path=root / MANIFEST)
     for item in raw.get("tensors", []):
         try:
             name, kind, path = item["name"], item["kind"], item["path"]
             shape, dtype, sha = tuple(item["shape"]), item["dtype"], item.get("sha256")
             ok = (isinstance(name, str) and name and kind in KINDS and isinstance(path, str)
-                  and _ARRAY_PATH.match(path) and dtype in DTYPES
+                  and _ARRAY_PATH.fullmatch(path) and dtype in DTYPES
                   and all(type(d) is int and d >= 0 for d in shape)
                   and (sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha))))
         except (KeyError, TypeError):
@@ -114,6 +116,15 @@ class StoreReader:
         self.all_entries = entries
         self.entries = {e.name: e for e in entries if e.kind == kind}
         self._arrays: dict[str, ts.TensorStore] = {}
+        for e in self.entries.values():
+            try:
+                meta = json.loads((self.path / e.path / "zarr.json").read_text())
+                ok = list(meta["shape"]) == list(e.spec.shape)
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
+                ok = True  # a missing or unreadable array is reported when it is read
+            if not ok:
+                raise BlockmergeError(f"manifest shape {list(e.spec.shape)} does not match the array's",
+                                      path=self.path / e.path, param=e.name)
 
     def kinds(self) -> set[str]:
         return {e.kind for e in self.all_entries}

@@ -101,4 +101,4 @@ def from_numpy(array: np.ndarray) -> torch.Tensor:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous CPU tensor."""
-    return memoryview(to_numpy(tensor).reshape(-1).view(np.uint8))
+    return memoryview(to_numpy(tensor.reshape(-1)).view(np.uint8))

@@ -19,8 +19,8 @@ from ..errors import BlockmergeError
 class Block:
     """One row range of one parameter, across every model and statistic, as float tensors on the device.
 
-    Statistics of the parameter's own shape are cut to the same rows; any other statistic
-    (a Gram matrix) is whole.
+    Statistics of elementwise kinds (`fisher`, `trimmed`) are cut to the same rows; Gram matrices
+    and blockwise Fishers are whole.
     """
 
     name: str

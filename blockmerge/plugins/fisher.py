@@ -1,0 +1,139 @@
+"""Diagonal Fisher merging (Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging"; METHODS.md §5, §16).
+
+    θ* = Σ_t c_t F̃_t ⊙ θ_t / Σ_t c_t F̃_t          (elementwise)
+
+c_t = w_t (uniform, or the given weights normalised to sum to one), divided by ‖F_t‖₂ (one global
+L2 norm per model over every merged tensor) when `normalize_fishers` is set. The floor F̃ follows
+`zero_fisher`: `floor` → max(F_t, fisher_floor) for every model (where all Fishers are below the
+floor this is the weighted average); `favor_target` → only model 0 is floored (there model 0 wins);
+`zero` → no floor, and coordinates where Σ_t c_t F_t = 0 become 0.
+
+The global norms are found by one pass over the blocks. Each row's sum of squares is computed in
+float64 by a fixed pairwise tree, so it depends only on that row; the per-row sums are added exactly
+(math.fsum) at the end. The norms, and so the merged bytes, are the same whatever the block size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import BlockmergeError
+from .base import Block, Method, Pass, docstring_summary
+
+ZeroFisher = Literal["floor", "favor_target", "zero"]
+
+
+@dataclass(frozen=True)
+class Fisher:
+    weights: tuple[float, ...] | None = None
+    fisher_floor: float = 1e-8
+    zero_fisher: ZeroFisher = "floor"
+    normalize_fishers: bool = False
+
+    def __post_init__(self):
+        if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
+            raise ValueError("weights must be non-negative with a positive sum")
+        if not self.fisher_floor > 0:
+            raise ValueError(f"fisher_floor must be positive, got {self.fisher_floor}")
+        if self.zero_fisher not in ("floor", "favor_target", "zero"):
+            raise ValueError(f"zero_fisher must be floor, favor_target or zero, got {self.zero_fisher!r}")
+
+
+def fisher_merge(models: list[torch.Tensor], fishers: list[torch.Tensor], weights: list[float] | None = None,
+                 fisher_floor: float = 1e-8, zero_fisher: ZeroFisher = "floor") -> torch.Tensor:
+    """Σ_t c_t F̃_t θ_t / Σ_t c_t F̃_t with the floor rule of `zero_fisher`; `weights` are the c_t (uniform if None)."""
+    if weights is None:
+        weights = [1.0] * len(models)
+    numerator = denominator = None
+    for t, (theta, fisher, weight) in enumerate(zip(models, fishers, weights)):
+        if zero_fisher == "floor" or (zero_fisher == "favor_target" and t == 0):
+            fisher = fisher.clamp(min=fisher_floor)
+        coefficient = fisher * weight
+        if numerator is None:
+            numerator, denominator = coefficient * theta, coefficient
+        else:
+            numerator += coefficient * theta
+            denominator += coefficient
+    if zero_fisher == "zero":
+        empty = denominator == 0
+        return torch.where(empty, 0.0, numerator / torch.where(empty, 1.0, denominator))
+    return numerator / denominator
+
+
+def row_sums_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Σ_j x[i, j]² for each row i (first axis) in float64, by a fixed pairwise tree.
+
+    The value for a row depends only on that row's entries, never on how many rows are given.
+    Squares of float32/bfloat16/float16 values are exact in float64.
+    """
+    rows = x.shape[0] if x.dim() else 1
+    width = math.prod(x.shape[1:]) if x.dim() else 1
+    if rows == 0 or width == 0:
+        return torch.zeros(rows, dtype=torch.float64, device=x.device)
+    squares = x.reshape(rows, width).to(torch.float64).square()
+    size = 1 << (width - 1).bit_length()
+    if size != width:
+        squares = torch.nn.functional.pad(squares, (0, size - width))
+    while squares.shape[1] > 1:
+        half = squares.shape[1] // 2
+        squares = squares[:, :half] + squares[:, half:]
+    return squares[:, 0]
+
+
+def _norm_pass() -> Pass:
+    def map_(block: Block, hp: Fisher, state: dict) -> tuple[torch.Tensor, int]:
+        fishers = block.stats["fisher"]
+        return torch.stack([row_sums_of_squares(f) for f in fishers]).cpu(), fishers[0].numel()
+
+    def fold(acc, partial: tuple[torch.Tensor, int], block: Block) -> tuple[list[torch.Tensor], int]:
+        sums, numel = acc if acc is not None else ([], 0)
+        sums.append(partial[0])
+        return sums, numel + partial[1]
+
+    def finish(acc, hp: Fisher, state: dict) -> dict:
+        if not acc or acc[1] == 0:
+            return {"fisher_norms": None}  # nothing is merged
+        sums = torch.cat(acc[0], dim=1)
+        norms = tuple(math.sqrt(math.fsum(row.tolist())) for row in sums)
+        for t, norm in enumerate(norms):
+            if norm == 0:
+                raise BlockmergeError(f"fisher: model {t}'s Fisher is zero on every merged parameter; "
+                                      "normalize_fishers cannot divide by its norm")
+        return {"fisher_norms": norms}
+
+    return Pass(map_, fold, finish)
+
+
+def _passes(hp: Fisher, kinds: frozenset[str]) -> list[Pass]:
+    return [_norm_pass()] if hp.normalize_fishers else []
+
+
+def coefficients(hp: Fisher, num_models: int, norms: tuple[float, ...] | None) -> list[float]:
+    """c_t: the weights normalised to sum to one, each divided by its model's global Fisher norm if given."""
+    weights = list(hp.weights) if hp.weights is not None else [1.0] * num_models
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    if norms is not None:
+        weights = [w / n for w, n in zip(weights, norms)]
+    return weights
+
+
+def _check(hp: Fisher, num_models: int) -> None:
+    if hp.weights is not None and len(hp.weights) != num_models:
+        raise ValueError(f"weights has {len(hp.weights)} entries for {num_models} models")
+    if hp.zero_fisher == "favor_target" and hp.weights is not None and hp.weights[0] <= 0:
+        raise ValueError("zero_fisher=favor_target needs a positive weight on model 0 (the target)")
+
+
+def _merge(block: Block, hp: Fisher, state: dict) -> torch.Tensor:
+    norms = state.get("fisher_norms") if hp.normalize_fishers else None
+    weights = coefficients(hp, len(block.models), norms)
+    return fisher_merge(block.models, block.stats["fisher"], weights, hp.fisher_floor, hp.zero_fisher)
+
+
+METHOD = Method(name="fisher", description=docstring_summary(__doc__), hyperparameters=Fisher, merge=_merge,
+                statistics=("fisher",), passes=_passes, check=_check)

@@ -1,0 +1,120 @@
+"""RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models"; METHODS.md §6.1, §16).
+
+For an nn.Linear weight W_t [out, in] with input Gram G_t [in, in] (`gram_in`):
+
+    G̃_t = α G_t + (1 − α) diag(G_t)                      (off-diagonals scaled by α, diagonal kept)
+    W*  = ((Σ_t G̃_t)^{-1} Σ_t G̃_t W_tᵀ)ᵀ,   so   W*[rows] = (Σ_t W_t[rows] G̃_t) (Σ_t G̃_t)^{-1}
+
+The inverse is explicit (`torch.linalg.inv`, as MaTS / GIT-THETA). If the sum is singular, the
+indices whose row sum is not 0 are kept, that sub-matrix is inverted and written into a copy of the
+sum: a feature that is dead in every model gives a 0 column of W*. Parameters without a Gram
+(biases, norms, embeddings) are averaged by the engine. Computation is in the block's dtype.
+
+The closed form decomposes by output rows: a row block needs only the whole Grams. The row
+products are done in fixed chunks of ROW_CHUNK rows aligned to the parameter's row index (a partial
+chunk is zero-padded), so every row goes through the same matrix product whatever the block size,
+and the merged bytes do not depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BlockmergeError
+from .base import Block, Method, docstring_summary
+
+ROW_CHUNK = 256
+_CACHE = "regmean.inverse"  # state entry: the reduced Grams and inverse of the parameter merged last
+
+
+@dataclass(frozen=True)
+class RegMean:
+    alpha: float = 0.9
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """G̃ = α G + (1 − α) diag(G): off-diagonal entries times α, the diagonal exactly as in G."""
+    out = gram * alpha
+    out.diagonal().copy_(gram.diagonal())
+    return out
+
+
+def inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
+    """The inverse; for a singular matrix, the inverse of the sub-matrix of indices whose row sum is not 0,
+    written into a copy of the matrix (METHODS.md §6.1). Raises ValueError if that is singular too."""
+    inverse, info = torch.linalg.inv_ex(matrix)
+    if int(info) == 0:
+        return inverse
+    keep = matrix.sum(dim=1) != 0
+    if not torch.equal(keep, matrix.sum(dim=0) != 0):
+        raise ValueError("the summed Gram matrix is singular and its zero row sums and column sums differ")
+    index = keep.nonzero().flatten()
+    sub_inverse, info = torch.linalg.inv_ex(matrix[index][:, index])
+    if int(info) != 0:
+        raise ValueError(f"the summed Gram matrix is singular, also without its {int((~keep).sum())} "
+                         "zero-sum rows")
+    out = matrix.clone()
+    out[index[:, None], index] = sub_inverse
+    return out
+
+
+def regmean_rows(models: list[torch.Tensor], reduced: list[torch.Tensor], inverse: torch.Tensor,
+                 first_row: int = 0) -> torch.Tensor:
+    """(Σ_t W_t G̃_t) (Σ_t G̃_t)^{-1} for rows first_row.. of the weights, in chunks aligned to ROW_CHUNK rows."""
+    rows = models[0].shape[0]
+    out = torch.empty_like(models[0])
+    if rows == 0:
+        return out
+    chunk = models[0].new_zeros(ROW_CHUNK, models[0].shape[1])
+    stop = first_row + rows
+    for chunk_start in range(first_row - first_row % ROW_CHUNK, stop, ROW_CHUNK):
+        lo, hi = max(chunk_start, first_row), min(chunk_start + ROW_CHUNK, stop)
+        a, b = lo - chunk_start, hi - chunk_start
+        numerator = None
+        for weight, gram in zip(models, reduced):
+            chunk[a:b] = weight[lo - first_row:hi - first_row]
+            product = chunk @ gram
+            numerator = product if numerator is None else numerator.add_(product)
+        out[lo - first_row:hi - first_row] = (numerator @ inverse)[a:b]
+    return out
+
+
+def prepare(grams: list[torch.Tensor], alpha: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The reduced Grams G̃_t and the (fallback) inverse of their sum."""
+    reduced = [reduce_off_diagonal(g, alpha) for g in grams]
+    total = reduced[0].clone()
+    for g in reduced[1:]:
+        total += g
+    return reduced, inverse_with_fallback(total)
+
+
+def regmean(models: list[torch.Tensor], grams: list[torch.Tensor], alpha: float, first_row: int = 0) -> torch.Tensor:
+    """RegMean of weight rows W_t[first_row:first_row + rows] [rows, in] with whole Grams G_t [in, in]."""
+    reduced, inverse = prepare(grams, alpha)
+    return regmean_rows(models, reduced, inverse, first_row)
+
+
+def _merge(block: Block, hp: RegMean, state: dict) -> torch.Tensor:
+    # The Grams are whole in every block of a parameter: reduce and invert them once per parameter.
+    cached = state.get(_CACHE)
+    if cached is None or cached[0] != block.name:
+        try:
+            reduced, inverse = prepare(block.stats["gram_in"], hp.alpha)
+        except ValueError as err:
+            raise BlockmergeError(f"regmean: {err}", param=block.name) from None
+        cached = (block.name, reduced, inverse)
+        state[_CACHE] = cached
+    out = regmean_rows(block.models, cached[1], cached[2], block.start)
+    if block.stop >= block.shape[0]:
+        state.pop(_CACHE, None)
+    return out
+
+
+METHOD = Method(name="regmean", description=docstring_summary(__doc__), hyperparameters=RegMean, merge=_merge,
+                statistics=("gram_in",))
