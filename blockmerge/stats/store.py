@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..engine import faults
 from ..engine.output import Output
 from ..engine.store import KINDS, StoreWriter
 from ..engine.tensors import TensorSpec, tensor_bytes
@@ -57,6 +58,7 @@ class StatisticsWriter:
         self.writer.add(kind, name, TensorSpec(tuple(tensor.shape), "float32"))
         self.writer.write(kind, name, 0, tensor)
         self.checksums[(kind, name)] = hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+        faults.point("block")
 
     def close(self, metadata: dict[str, Any]) -> Path:
         """Seal the store with `metadata` and move it into place."""
