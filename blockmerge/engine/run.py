@@ -272,7 +272,7 @@ class _Engine:
 
     def blocks(self, refs: list[BlockRef], desc: str) -> Iterator[_Raw]:
         """Blocks read one ahead on a background thread, in plan order."""
-        total = sum(self._ref_bytes(r) for r in refs)
+        total = sum(self.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
         bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.job.progress, leave=False)
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-read") as pool:
@@ -287,11 +287,13 @@ class _Engine:
         finally:
             bar.close()
 
-    def _ref_bytes(self, ref: BlockRef) -> int:
-        models, with_base = self._inputs(ref)
-        spec = self.layout.specs[ref.name]
-        row = spec.row_numel * itemsize(spec.dtype)
-        return (len(models) + with_base) * row * (ref.stop - ref.start)
+    def input_row_bytes(self, name: str) -> int:
+        """Bytes read per row of a tensor: its models and base, and float32 statistics of its own shape."""
+        models, with_base = self._inputs(BlockRef(name, 0, 1, self.layout.actions[name]))
+        spec = self.layout.specs[name]
+        same_shape = sum(1 for k in self.layout.stat_kinds.get(name, ()) if STAT_SHAPES[k] is None)
+        checkpoints = itemsize(spec.dtype) * (len(models) + with_base)
+        return spec.row_numel * (checkpoints + 4 * same_shape * len(self.job.stats))
 
     def to_block(self, raw: _Raw) -> Block:
         def dev(t: torch.Tensor) -> torch.Tensor:
@@ -367,12 +369,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     engine = _Engine(job, layout)
     summary = engine.summary
     align = {n: chunk_rows(s) if out_format == "store" else 1 for n, s in layout.out_specs.items()}
-    row_bytes = {}
-    for name, spec in layout.specs.items():
-        refs_inputs = engine._inputs(BlockRef(name, 0, 1, layout.actions[name]))
-        same_shape = sum(1 for k in layout.stat_kinds.get(name, ()) if STAT_SHAPES[k] is None) * len(job.stats)
-        row_bytes[name] = spec.row_numel * itemsize(spec.dtype) * (len(refs_inputs[0]) + refs_inputs[1]) \
-            + spec.row_numel * 4 * same_shape
+    row_bytes = {name: engine.input_row_bytes(name) for name in layout.specs}
     whole = set() if job.method.row_blocks else {n for n, a in layout.actions.items() if a == "merge"}
     refs = plan(layout.specs, layout.actions, row_bytes, job.block_bytes, align, whole)
     output = None
