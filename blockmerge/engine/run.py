@@ -75,6 +75,7 @@ class Summary:
     tensors_averaged_missing_statistic: int = 0
     blocks_resumed: int = 0
     output: str | None = None
+    reports: dict[str, list[dict]] = field(default_factory=dict)  # per tensor, one entry per block a method reported on
 
 
 @dataclass
@@ -315,6 +316,8 @@ class _Engine:
         method = self.job.method if ref.action == "merge" else get("average")
         hp = self.job.hyperparameters if ref.action == "merge" else method.hyperparameters()
         result = method.merge(block, hp, state)
+        if block.report:
+            self.summary.reports.setdefault(ref.name, []).append({"rows": [ref.start, ref.stop], **block.report})
         expected = block.models[0].shape
         if tuple(result.shape) != tuple(expected):
             raise BlockmergeError(f"{method.name} returned shape {list(result.shape)} for a block of shape "
@@ -477,6 +480,7 @@ def _provenance(job: Job, engine: _Engine, checksums: dict[str, str]) -> dict:
         "inputs": inputs,
         "statistics": [{k: c.label for k, c in sorted(s.items())} for s in job.stats],
         "base_statistics": {k: c.label for k, c in sorted(job.base_stats.items())},
+        "reports": engine.summary.reports,
         "output_sha256": hashlib.sha256("\n".join(f"{n}:{c}" for n, c in sorted(checksums.items())).encode())
         .hexdigest(),
         "dtype": job.dtype, "compute_dtype": job.compute_dtype,

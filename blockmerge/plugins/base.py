@@ -19,6 +19,7 @@ from ..errors import BlockmergeError
 class Block:
     """One row range of one parameter, across every model and statistic, as float tensors on the device.
 
+    A method may put small JSON-able figures in `report`; they reach the summary and the provenance.
     Statistics of elementwise kinds (`fisher`, `trimmed`) are cut to the same rows; Gram matrices
     and blockwise Fishers are whole.
     """
@@ -31,6 +32,7 @@ class Block:
     base: torch.Tensor | None = None
     stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     base_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
 
     @property
     def offset(self) -> int:
