@@ -155,3 +155,37 @@ def test_nonfinite_gradient_names_parameter_and_example(tmp_path):
 def test_model_kind_rejects_other_models():
     with pytest.raises(BlockmergeError, match="cannot tell the kind of model Linear"):
         model_kind(torch.nn.Linear(2, 2))
+
+
+def test_embedding_gradient_kept_per_token_equals_dense(tmp_path):
+    """The per-token embedding path (repeated tokens in one example, padding, an untied LM) equals batch-1 backward."""
+    from test_stats_data import EOS, PAD, VOCAB
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from blockmerge.stats.fisher import _input_embedding
+
+    ds, tok, spec = task(tmp_path, "classification", n=8, seed=3)
+    bert = tiny_model("classification")
+    params = dict(bert.named_parameters())
+    assert _input_embedding(bert, "classification", params)[0] == "bert.embeddings.word_embeddings.weight"
+    batch = next(iter(batches(ds, tok, spec, "classification", 8)))
+    ids = batch["input_ids"]
+    assert any(len(set(row.tolist()) - {PAD}) < int((row != PAD).sum()) for row in ids)  # a repeated token
+    assert bool((ids == PAD).any())  # padding in the batch
+    stats = fisher(bert, batches(ds, tok, spec, "classification", 8))
+    assert_close(stats.tensors["fisher"], reference_fisher(bert, list(batches(ds, tok, spec, "classification", 1)),
+                                                           "classification"))
+
+    torch.manual_seed(0)
+    untied = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=128,
+                                        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
+                                        tie_word_embeddings=False)).eval()
+    assert _input_embedding(untied, "causal_lm", dict(untied.named_parameters()))[0] == "transformer.wte.weight"
+    tied = tiny_model("causal_lm")
+    assert _input_embedding(tied, "causal_lm", dict(tied.named_parameters())) is None
+    t5 = tiny_model("seq2seq")
+    assert _input_embedding(t5, "seq2seq", dict(t5.named_parameters())) is None
+    ds, tok, spec = task(tmp_path, "causal_lm", n=6, seed=4)
+    stats = fisher(untied, batches(ds, tok, spec, "causal_lm", 6))
+    assert_close(stats.tensors["fisher"], reference_fisher(untied, list(batches(ds, tok, spec, "causal_lm", 1)),
+                                                           "causal_lm"))

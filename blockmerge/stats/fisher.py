@@ -18,10 +18,11 @@ seq2seq / causal LM: minus the mean target-token cross-entropy). Labels:
 
 Per-example gradients come from ``torch.func.vmap`` over ``torch.func.grad`` of a ``functional_call``, so the
 batch size is only a speed (and memory: B per-example gradients are live at once) choice: the result is the
-batch-size-1 loop of MaTS. ``vectorize=False`` runs that loop with plain autograd instead (least memory).
-The model is put in eval mode (restored afterwards) and moved to ``device``; accumulators are float32.
-Parameters whose gradient does not exist (``grad is None``: not used by the forward) get no Fisher, as in
-REALISTIC.
+batch-size-1 loop of MaTS. The input embedding matrix is differentiated through its looked-up rows, so an
+example's gradient of it is ``[tokens, hidden]``, not ``[vocabulary, hidden]``. ``vectorize=False`` runs
+that loop with plain autograd instead (least memory). The model is put in eval mode (restored afterwards) and
+moved to ``device``; accumulators are float32. Parameters whose gradient does not exist (``grad is None``: not
+used by the forward) get no Fisher, as in REALISTIC.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -39,6 +41,7 @@ from .models import (
     check_class_labels,
     check_label_mode,
     count_tokens,
+    forward_names,
     functional_mode,
     log_likelihood,
     model_kind,
@@ -80,17 +83,61 @@ def _example_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k: batch[k] for k in _DATA_KEYS if k in batch}
 
 
+class _EmbeddingGradient(NamedTuple):
+    """Example b's gradient of an embedding matrix, kept per token: row ``ids[b, t]`` gets ``grads[b, t]``."""
+
+    ids: torch.Tensor    # [B, L]
+    grads: torch.Tensor  # [B, L, H], zero at the padding index
+    vocab: int
+
+    def weighted_squares(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, ``w_b G_b[row]²``) for every (example, row) present, ``G_b`` the example's dense gradient."""
+        batch, _, hidden = self.grads.shape
+        keys = (torch.arange(batch, device=self.ids.device)[:, None] * self.vocab + self.ids).reshape(-1)
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        sums = torch.zeros(len(unique), hidden, dtype=torch.float32, device=self.grads.device)
+        sums.index_add_(0, inverse, self.grads.reshape(-1, hidden).float())
+        return unique % self.vocab, sums.square_().mul_(weight[unique // self.vocab, None])
+
+
+def _input_embedding(model: nn.Module, kind: str,
+                     params: Mapping[str, torch.Tensor]) -> tuple[str, nn.Embedding] | None:
+    """The selected input embedding when its per-example gradient can be kept per token: a plain
+    ``nn.Embedding`` used once (not tied to the output layer, not a seq2seq model's shared table)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if kind != "seq2seq" and get is not None else None
+    if (type(embedding) is not nn.Embedding or embedding.max_norm is not None or embedding.scale_grad_by_freq
+            or "inputs_embeds" not in forward_names(model)):
+        return None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and getattr(output, "weight", None) is embedding.weight:
+        return None
+    name = next((n for n, p in model.named_parameters() if p is embedding.weight), None)
+    return (name, embedding) if name in params else None
+
+
 class _Gradients:
-    """Per-example gradients of log p(y|x) for the selected parameters: vmap, or a batch-1 autograd loop."""
+    """Per-example gradients of log p(y|x) for the selected parameters: vmap, or a batch-1 autograd loop.
 
-    def __init__(self, model: nn.Module, kind: str, params: dict[str, torch.Tensor], vectorize: bool):
+    With ``per_token_embedding``, vmap differentiates w.r.t. the input embeddings instead of the embedding
+    matrix, so an example's embedding gradient is kept per token (``[L, H]``), not as a dense ``[V, H]``.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, params: dict[str, torch.Tensor], vectorize: bool,
+                 per_token_embedding: bool):
         self.model, self.kind, self.params, self.vectorize = model, kind, params, vectorize
+        self.embedding = _input_embedding(model, kind, params) if per_token_embedding else None
 
-        def one(p: dict[str, torch.Tensor], example: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            ll = log_likelihood(model, {k: v.unsqueeze(0) for k, v in example.items()}, kind, params=p)[0]
+        def one(p: dict[str, torch.Tensor], example: dict[str, torch.Tensor],
+                embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = {k: v.unsqueeze(0) for k, v in example.items()}
+            ll = log_likelihood(model, batch, kind, params=p,
+                                inputs_embeds=None if embeds is None else embeds.unsqueeze(0))[0]
             return ll, ll.detach()
 
         self._vmapped = torch.func.vmap(torch.func.grad(one, has_aux=True), in_dims=(None, 0))
+        self._vmapped_embedded = torch.func.vmap(torch.func.grad(one, argnums=(0, 2), has_aux=True),
+                                                 in_dims=(None, 0, 0))
 
     def used(self, batch: Mapping[str, torch.Tensor]) -> set[str]:
         """Names of parameters that receive a gradient from the first example (``grad is not None``)."""
@@ -114,11 +161,24 @@ class _Gradients:
             values.append(ll.detach())
         return {name: torch.stack(gs) for name, gs in grads.items()}, torch.stack(values)
 
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(gradients ``{name: [B, *shape]}``, log-likelihoods ``[B]``) of a prepared batch."""
+    def _vectorized(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+        data = _example_inputs(batch)
+        if self.embedding is None:
+            return self._vmapped(self.params, data)
+        name, embedding = self.embedding
+        ids = data["input_ids"]
+        rest = {n: p for n, p in self.params.items() if n != name}
+        embeds = torch.nn.functional.embedding(ids, self.params[name])
+        (grads, per_token), ll = self._vmapped_embedded(rest, data, embeds)
+        if embedding.padding_idx is not None:
+            per_token = per_token.masked_fill((ids == embedding.padding_idx).unsqueeze(-1), 0.0)
+        return {**grads, name: _EmbeddingGradient(ids, per_token, embedding.num_embeddings)}, ll
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+        """(gradients ``{name: [B, *shape]}`` or an :class:`_EmbeddingGradient`, log-likelihoods ``[B]``)."""
         if self.vectorize:
             try:
-                return self._vmapped(self.params, _example_inputs(batch))
+                return self._vectorized(batch)
             except RuntimeError as e:  # a model with data-dependent Python control flow cannot be vmapped
                 if "vmap" not in str(e) and "functorch" not in str(e):
                     raise
@@ -129,13 +189,29 @@ class _Gradients:
         return self._loop(batch)
 
 
-def _check_finite(grads: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], note: str = "") -> None:
-    for name, g in grads.items():
-        ok = torch.isfinite(g).reshape(g.shape[0], -1).all(1)
-        if not bool(ok.all()):
+def _add(acc: dict[str, torch.Tensor], grads: Mapping[str, Any], weight: torch.Tensor,
+         reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: Mapping[str, torch.Tensor],
+         note: str = "") -> None:
+    """Add each parameter's reduced batch to its accumulator; a NaN/Inf names the parameter and the example."""
+    for name, a in acc.items():
+        g, rows = grads[name], None
+        if isinstance(g, _EmbeddingGradient):
+            rows, partial = g.weighted_squares(weight)
+            g = g.grads.float()
+        else:
+            g = g.float()
+            partial = reduce(g, weight)
+        if not bool(torch.isfinite(partial).all()):
+            ok = torch.isfinite(g).reshape(g.shape[0], -1).all(1)
+            if bool(ok.all()):
+                raise BlockmergeError(f"the Fisher overflows float32{note}", param=name)
             b = int((~ok).nonzero()[0, 0])
             index = int(batch["index"][b]) if "index" in batch else b
             raise BlockmergeError(f"non-finite gradient of log p(y|x) at example {index}{note}", param=name)
+        if rows is None:
+            a += partial
+        else:
+            a.index_add_(0, rows, partial)
 
 
 def _accumulate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, params: dict[str, nn.Parameter],
@@ -149,7 +225,7 @@ def _accumulate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
     model.eval()
     model.to(device)
     detached = {n: p.detach() for n, p in params.items()}
-    grads_of = _Gradients(model, kind, detached, vectorize)
+    grads_of = _Gradients(model, kind, detached, vectorize, per_token_embedding=stat == "fisher")
     acc: dict[str, torch.Tensor] = {}
     used: set[str] | None = None
     stats = Statistics(labels=labels)
@@ -175,16 +251,10 @@ def _accumulate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
                     for c in range(_num_classes(model, batch, kind)):
                         batch_c = dict(batch, labels=torch.full_like(batch["labels"], c))
                         grads, ll = grads_of(batch_c)
-                        _check_finite(grads, batch, f" (class {c})")
-                        weight = ll.float().exp()
-                        for name in acc:
-                            acc[name] += reduce(grads[name].float(), weight)
+                        _add(acc, grads, ll.float().exp(), reduce, batch, f" (class {c})")
                 else:
                     grads, _ = grads_of(batch)
-                    _check_finite(grads, batch)
-                    weight = torch.ones(n, dtype=torch.float32, device=device)
-                    for name in acc:
-                        acc[name] += reduce(grads[name].float(), weight)
+                    _add(acc, grads, torch.ones(n, dtype=torch.float32, device=device), reduce, batch)
                 tokens, target_tokens = count_tokens(batch, kind)
                 stats.examples += n
                 stats.tokens += tokens

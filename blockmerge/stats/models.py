@@ -96,7 +96,8 @@ def prepare(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> d
     return batch
 
 
-def _forward_names(model: nn.Module) -> set[str]:
+def forward_names(model: nn.Module) -> set[str]:
+    """Argument names of ``model.forward``."""
     try:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):  # pragma: no cover
@@ -105,7 +106,7 @@ def _forward_names(model: nn.Module) -> set[str]:
 
 def model_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
     """The batch entries passed to ``model.forward``."""
-    names = _forward_names(model)
+    names = forward_names(model)
     out = {}
     for key in _INPUTS[kind]:
         if key in batch and (key != "token_type_ids" or key in names):
@@ -114,9 +115,14 @@ def model_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str)
 
 
 def logits(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str,
-           params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """The model's logits for a prepared batch; with ``params``, a ``torch.func.functional_call``."""
+           params: Mapping[str, torch.Tensor] | None = None,
+           inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's logits for a prepared batch; with ``params``, a ``torch.func.functional_call``;
+    with ``inputs_embeds``, those replace the input embeddings of ``input_ids``."""
     inputs = model_inputs(model, batch, kind)
+    if inputs_embeds is not None:
+        del inputs["input_ids"]
+        inputs["inputs_embeds"] = inputs_embeds
     if params is None:
         out = model(**inputs, use_cache=False) if kind != "classification" else model(**inputs)
     else:
@@ -145,9 +151,10 @@ def example_log_likelihood(logits: torch.Tensor, batch: Mapping[str, torch.Tenso
 
 
 def log_likelihood(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str,
-                   params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                   params: Mapping[str, torch.Tensor] | None = None,
+                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example ``log p(y|x)`` ``[B]`` of a prepared batch (see the module docstring)."""
-    return example_log_likelihood(logits(model, batch, kind, params), batch, kind)
+    return example_log_likelihood(logits(model, batch, kind, params, inputs_embeds), batch, kind)
 
 
 def target_mask(batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor | None:
