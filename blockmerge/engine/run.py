@@ -107,9 +107,10 @@ def _device(name: str) -> torch.device:
 def check(job: Job) -> Layout:
     """Validate names, shapes, dtypes, statistics and options; decide each tensor's action."""
     method = job.method
+    needs = method.needs(job.hyperparameters)
     if not job.models:
         raise BlockmergeError(f"{method.name} needs at least one model")
-    if method.needs_base and job.base is None:
+    if needs.base and job.base is None:
         raise BlockmergeError(f"{method.name} needs a base (pretrained) checkpoint: pass base= / --base")
     if method.check is not None:
         try:
@@ -144,16 +145,21 @@ def check(job: Job) -> Layout:
     if len(job.stats) not in (0, len(job.models)):
         raise BlockmergeError(f"statistics given for {len(job.stats)} models, there are {len(job.models)}")
     supplied = [set(s) for s in job.stats] or [set() for _ in job.models]
-    for kind in method.statistics:
+    for kind in needs.statistics:
         for t, kinds in enumerate(supplied):
             if kind not in kinds:
                 raise BlockmergeError(f"{method.name} reads {kind!r} statistics; none given for model {t} "
                                       f"({job.models[t].label})")
+    for t, kinds in enumerate(supplied):
+        if needs.one_of_statistics and not kinds & set(needs.one_of_statistics):
+            raise BlockmergeError(f"{method.name} reads {' or '.join(map(repr, needs.one_of_statistics))} "
+                                  f"statistics; none given for model {t} ({job.models[t].label})")
     for kind in method.base_statistics:
         if kind not in job.base_stats:
             raise BlockmergeError(f"{method.name} reads {kind!r} statistics of the base; none given")
-    optional = {k for k in method.optional_statistics if all(k in s for s in supplied)}
-    used = frozenset(method.statistics) | frozenset(optional)
+    optional = {k for k in needs.optional_statistics + needs.one_of_statistics if all(k in s for s in supplied)}
+    used = frozenset(needs.statistics) | frozenset(optional)
+    declared = needs.statistics + needs.optional_statistics + needs.one_of_statistics
     for ckpts in [*job.stats, job.base_stats]:
         for kind, ckpt in ckpts.items():
             _check_statistic(kind, ckpt, specs)
@@ -174,7 +180,15 @@ def check(job: Job) -> Layout:
         for kind in method.base_statistics:
             if name not in job.base_stats[kind].specs and job.common.missing_statistic == "error":
                 raise BlockmergeError(f"no {kind!r} statistic of the base", param=name)
-        missing = [k for k in sorted(used) if not all(present[k])]
+        together = [k for k in dict.fromkeys(declared)
+                    if STAT_SHAPES[k] is None or STAT_SHAPES[k](spec.shape) is not None]
+        have = [k for k in together if k in used and all(present[k])]
+        if have and len(have) < len(together):
+            lacking = next(k for k in together if k not in have)
+            raise BlockmergeError(f"has a {have[0]!r} statistic but no {lacking!r} statistic; {method.name} reads "
+                                  "them together", param=name)
+        applicable = [k for k in sorted(used) if k in together]
+        missing = [k for k in applicable if not all(present[k])] if applicable else sorted(used)
         missing += [k for k in method.base_statistics if name not in job.base_stats[k].specs]
         if missing:
             if job.common.missing_statistic == "error":
@@ -182,7 +196,7 @@ def check(job: Job) -> Layout:
             actions[name] = "average"
             continue
         actions[name] = "merge"
-        stat_kinds[name] = tuple(sorted(used))
+        stat_kinds[name] = tuple(applicable)
     return Layout(specs, out_specs, actions, stat_kinds, used)
 
 

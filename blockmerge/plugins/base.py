@@ -59,8 +59,28 @@ class Pass:
 
 
 @dataclass(frozen=True)
+class Needs:
+    """The base and statistics a merge needs under given hyperparameters.
+
+    `statistics`: every model supplies each kind. `optional_statistics`: each kind is read where every
+    model supplies it. `one_of_statistics`: every model supplies at least one of the kinds; each is read
+    where every model supplies it. The kinds that apply to one tensor's shape are read together.
+    """
+
+    base: bool = False
+    statistics: tuple[str, ...] = ()
+    optional_statistics: tuple[str, ...] = ()
+    one_of_statistics: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Method:
-    """A merge method as the engine sees it."""
+    """A merge method as the engine sees it.
+
+    When what it needs depends on the hyperparameters, `needs_for` gives it; `needs_base`, `statistics`
+    and `optional_statistics` then describe the defaults, and `needs_base` must be true for the base to be
+    read where any setting needs it.
+    """
 
     name: str
     description: str
@@ -73,6 +93,13 @@ class Method:
     passes: Callable[[Any, frozenset[str]], list[Pass]] = lambda hp, kinds: []
     row_blocks: bool = True
     check: Callable[[Any, int], None] | None = None  # (hyperparameters, number of models); raises ValueError
+    needs_for: Callable[[Any], Needs] | None = None
+
+    def needs(self, hyperparameters: Any) -> Needs:
+        """What a merge with these hyperparameters needs."""
+        if self.needs_for is not None:
+            return self.needs_for(hyperparameters)
+        return Needs(self.needs_base, self.statistics, self.optional_statistics)
 
 
 MissingStatistic = Literal["average", "error"]
