@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,39 +12,17 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api
+from .clitools import one_line_errors as _errors
+from .clitools import parse_pairs as _parse_pairs
 from .demo import demo
 from .engine.plan import DEFAULT_BLOCK_BYTES
 from .engine.run import Summary
 from .engine.sinks import FORMATS, parse_size
 from .errors import BlockmergeError
+from .eval.cli import eval_command, search_command, sweep_command
 
 CONFIG_KEYS = {"method", "models", "base", "base_stats", "set", "out", "format", "block_size", "device", "dtype",
                "compute_dtype", "codec", "max_shard_size"}
-
-
-def _errors(fn):
-    """Bad input: one line on stderr and exit status 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BlockmergeError as err:
-            click.echo(f"blockmerge: error: {err}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("blockmerge: interrupted (rerun with --resume to continue)", err=True)
-            sys.exit(130)
-    return wrapper
-
-
-def _parse_pairs(items: tuple[str, ...], option: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise BlockmergeError(f"{option} expects NAME=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -318,3 +294,6 @@ def stats_blockwise_fisher(**kwargs: Any) -> None:
 
 
 main.add_command(demo)
+main.add_command(eval_command)
+main.add_command(sweep_command)
+main.add_command(search_command)

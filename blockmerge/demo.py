@@ -1,13 +1,16 @@
 """End-to-end demo: fine-tune a tiny Llama on synthetic tasks, merge the fine-tunes, compare accuracies.
 
-Everything is built locally from a config (no downloads): a base `LlamaForCausalLM`, then one copy per task
-trained for a few steps on next-token prediction of sequences that follow a task-specific deterministic rule.
-Every statistic-free merge method is run on the fine-tuned Hugging Face directories, and the merged models are
-loaded back with `transformers` and scored on held-out sequences of every task.
+Everything is built locally from a config (no downloads): a base `LlamaForCausalLM` with a word-level tokenizer
+(token ``i`` is the word ``t<i>``), then one copy per task trained for a few steps on next-token prediction of
+sequences that follow a task-specific deterministic rule. The statistic-free methods of ``HYPERPARAMETERS`` merge
+the fine-tuned Hugging Face directories, and every model is scored by :func:`blockmerge.eval.evaluate` on task
+files of held-out sequences (``tasks/task<t>.yaml``: the first token is the prompt, the rest the target; metric
+``token_accuracy``, i.e. greedy next-token accuracy at every position but the last).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -17,10 +20,12 @@ from typing import Any
 
 import click
 import torch
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from . import api
+from .eval import Task, evaluate
 
 SEQ_LEN = 16
 BAND = 64  # each task lives in a band of 64 token ids
@@ -28,7 +33,7 @@ VOCAB = 256
 EVAL_SEQUENCES = 64
 # (multiplier, increment) of task t's affine rule; both maps are permutations of the band (odd multiplier).
 RULES = ((1, 1), (1, 3), (5, 1), (3, 7), (1, 5), (7, 3), (5, 5), (3, 1))
-# Demo hyperparameters per method; a method not listed here runs with its defaults.
+# The methods the demo runs (none reads statistics) and their hyperparameters.
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "average": {},
     "task_arithmetic": {"scaling_factor": 0.3},
@@ -81,27 +86,50 @@ def _train(model: Any, task: int, *, steps: int, seed: int, lr: float = 3e-3, ba
     model.eval()
 
 
-@torch.no_grad()
-def accuracy(model: Any, task: int, *, seed: int, count: int = EVAL_SEQUENCES) -> float:
-    """Next-token accuracy (greedy, every position but the last) of `model` on held-out sequences of `task`."""
-    generator = torch.Generator().manual_seed(1_000_003 + 7919 * seed + task)
-    ids = task_sequences(task, count, generator)
-    logits = model(input_ids=ids).logits
-    predicted = logits[:, :-1].argmax(dim=-1)
-    return (predicted == ids[:, 1:]).float().mean().item()
+def _tokenizer() -> Any:
+    """Word-level tokenizer: token id i is the word 't<i>'; no special tokens are added."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}))
+    words.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words)
+
+
+def write_tasks(workdir: Path, *, num_tasks: int, seed: int, count: int = EVAL_SEQUENCES) -> list[Task]:
+    """Task files ``tasks/task<t>.yaml`` of ``count`` held-out sequences each (split ``test``), loaded."""
+    folder = Path(workdir) / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for t in range(num_tasks):
+        generator = torch.Generator().manual_seed(1_000_003 + 7919 * seed + t)
+        with open(folder / f"task{t}.jsonl", "w") as f:
+            for seq in task_sequences(t, count, generator).tolist():
+                words = [f"t{i}" for i in seq]
+                f.write(json.dumps({"prompt": words[0], "target": " ".join(words[1:])}) + "\n")
+        spec = {"name": f"task{t}", "data": f"task{t}.jsonl", "splits": {"test": "test"}, "text_column": "prompt",
+                "label_column": None, "target_column": "target", "metric": "token_accuracy"}
+        (folder / f"task{t}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        tasks.append(Task.from_file(folder / f"task{t}.yaml"))
+    return tasks
 
 
 def build_models(workdir: Path, *, num_models: int = 3, seed: int = 0, steps: int = 30,
                  log: Any = None) -> tuple[Path, list[Path]]:
-    """Save a random tiny Llama base and `num_models` fine-tunes of it (one per task) as HF directories."""
+    """Save a random tiny Llama base and `num_models` fine-tunes of it (one per task) as HF directories (with the
+    word-level tokenizer)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import LlamaForCausalLM
 
     models = Path(workdir) / "models"
+    tokenizer = _tokenizer()
     torch.manual_seed(seed)
     base = LlamaForCausalLM(_config()).eval()
     base_dir = models / "base"
     base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
     task_dirs = []
     for t in range(num_models):
         if log:
@@ -112,19 +140,21 @@ def build_models(workdir: Path, *, num_models: int = 3, seed: int = 0, steps: in
         _train(model, t, steps=steps, seed=seed * 1000 + t + 1)
         task_dir = models / f"task{t}"
         model.save_pretrained(task_dir)
+        tokenizer.save_pretrained(task_dir)
         task_dirs.append(task_dir)
     return base_dir, task_dirs
 
 
-def _row(name: str, kind: str, model: Any, num_tasks: int, seed: int, path: Path) -> dict[str, Any]:
-    scores = [accuracy(model, t, seed=seed) for t in range(num_tasks)]
+def _row(name: str, kind: str, path: Path, tasks: list[Task]) -> dict[str, Any]:
+    result = evaluate(path, tasks, split="test")
+    scores = [r["metrics"]["token_accuracy"] for r in result["tasks"].values()]
     return {"model": name, "kind": kind, "path": str(path), "accuracy": scores, "mean": sum(scores) / len(scores),
             "hyperparameters": None, "seconds": None, "peak_rss_mib": None, "read_mib": None, "written_mib": None}
 
 
 def run_demo(workdir: Path, *, num_models: int = 3, seed: int = 0, progress: bool = False,
              steps: int = 30) -> list[dict[str, Any]]:
-    """Build, fine-tune, merge (every statistic-free method) and evaluate; one row per evaluated model.
+    """Build, fine-tune, merge (every method of HYPERPARAMETERS) and evaluate; one row per evaluated model.
 
     Each row: model (name), kind (base | fine-tuned | merge), path, accuracy (per task, list), mean, and for
     merges hyperparameters, seconds, peak_rss_mib, read_mib, written_mib (from the merge's Summary; None
@@ -133,40 +163,38 @@ def run_demo(workdir: Path, *, num_models: int = 3, seed: int = 0, progress: boo
     if num_models < 1:
         raise ValueError("num_models must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' own save/load bars would drown the demo's output
+    bars = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' save/load and datasets' loading bars would drown the demo's
+    datasets.disable_progress_bars()
     try:
         return _run(Path(workdir), num_models, seed, progress, steps)
     finally:
-        if bars:
+        if bars[0]:
             hf_logging.enable_progress_bar()
+        if bars[1]:
+            datasets.enable_progress_bars()
 
 
 def _run(workdir: Path, num_models: int, seed: int, progress: bool, steps: int) -> list[dict[str, Any]]:
-    from transformers import LlamaForCausalLM
-
     log = Console(stderr=True).log if progress else None
     base_dir, task_dirs = build_models(workdir, num_models=num_models, seed=seed, steps=steps, log=log)
+    tasks = write_tasks(workdir, num_tasks=num_models, seed=seed)
 
-    rows = [_row("base", "base", LlamaForCausalLM.from_pretrained(base_dir).eval(), num_models, seed, base_dir)]
+    rows = [_row("base", "base", base_dir, tasks)]
     for t, task_dir in enumerate(task_dirs):
-        model = LlamaForCausalLM.from_pretrained(task_dir).eval()
-        rows.append(_row(f"task{t}", "fine-tuned", model, num_models, seed, task_dir))
+        rows.append(_row(f"task{t}", "fine-tuned", task_dir, tasks))
 
-    for method in api.methods():
-        if method["statistics"]:
-            continue
-        name = method["name"]
-        hp = {k: v for k, v in HYPERPARAMETERS.get(name, {}).items() if k in method["hyperparameters"]}
+    for name, hp in HYPERPARAMETERS.items():
         if log:
             log(f"merging with {name} {hp}")
         out = workdir / "merged" / name
         out.parent.mkdir(parents=True, exist_ok=True)
         summary = api.merge(name, [str(d) for d in task_dirs], base=str(base_dir), out=out, format="hf",
                             overwrite=True, progress=progress, **hp)
-        row = _row(name, "merge", LlamaForCausalLM.from_pretrained(out).eval(), num_models, seed, out)
+        row = _row(name, "merge", out, tasks)
         row.update(hyperparameters=hp, seconds=summary.seconds, peak_rss_mib=summary.peak_rss_bytes / MIB,
                    read_mib=summary.bytes_read / MIB, written_mib=summary.bytes_written / MIB)
         rows.append(row)
@@ -207,7 +235,7 @@ def print_table(rows: list[dict[str, Any]], console: Console | None = None) -> N
               help="AdamW steps per fine-tune.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages, only the table.")
 def demo(workdir: Path, num_models: int, seed: int, steps: int, quiet: bool) -> None:
-    """Fine-tune a tiny Llama on synthetic tasks, merge with every statistic-free method, compare accuracy."""
+    """Fine-tune a tiny Llama on synthetic tasks, merge with statistic-free methods, compare accuracy."""
     start = time.perf_counter()
     rows = run_demo(workdir, num_models=num_models, seed=seed, progress=not quiet, steps=steps)
     print_table(rows)

@@ -10,8 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import blockmerge
-from blockmerge.demo import demo, print_table, run_demo, task_sequences
+from blockmerge.demo import HYPERPARAMETERS, demo, print_table, run_demo, task_sequences
 
 NUM_MODELS = 2
 STEPS = 10
@@ -46,7 +45,7 @@ def test_fine_tunes_learn_their_own_task(demo_run: tuple[Path, list[dict]]) -> N
 
 def test_every_statistic_free_method_is_merged_and_measured(demo_run: tuple[Path, list[dict]]) -> None:
     rows = _rows(demo_run[1])
-    free = [m["name"] for m in blockmerge.methods() if not m["statistics"]]
+    free = list(HYPERPARAMETERS)
     assert free, "no statistic-free methods registered"
     assert [r["model"] for r in demo_run[1] if r["kind"] == "merge"] == free
     for name in free:
@@ -103,7 +102,6 @@ def test_click_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(demo, ["--workdir", str(tmp_path / "out"), "--models", "1", "--steps", "2",
                                        "--seed", "3", "--quiet"])
     assert result.exit_code == 0, result.output
-    for m in blockmerge.methods():
-        if not m["statistics"]:
-            assert m["name"] in result.output
+    for name in HYPERPARAMETERS:
+        assert name in result.output
     assert (tmp_path / "out" / "merged" / "average" / "config.json").is_file()

@@ -1,0 +1,38 @@
+"""What every `blockmerge` command shares: one-line errors with exit status 2, NAME=VALUE options."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .errors import BlockmergeError
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input: one line on stderr and exit status 2; an interrupt: exit status 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BlockmergeError as err:
+            click.echo(f"blockmerge: error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("blockmerge: interrupted (rerun with --resume to continue)", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def parse_pairs(items: tuple[str, ...], option: str) -> dict[str, str]:
+    """``NAME=VALUE`` strings of a repeated option as a mapping."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BlockmergeError(f"{option} expects NAME=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
