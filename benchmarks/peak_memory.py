@@ -10,17 +10,27 @@ Summary blockmerge returns. Results go to benchmarks/results/peak_memory.{md,jso
 
 The two targets checked (reported, never asserted): at the largest size every method's RSS delta
 is below 25% of one model's size, and the delta at size S is within 20% of the delta at S/2.
+
+With --statistics it also writes a statistics store per model (Fisher of every float tensor, input
+and output Grams of every projection weight; the base gets a Fisher only) and measures the
+statistic methods against the `average` merge of the same models and against a bound: the largest
+merged tensor's weights (N models + base + output) + its Grams × N + BOUND_SLACK. Results go to
+benchmarks/results/peak_memory_statistics.{md,json,png}.
+
+    python benchmarks/peak_memory.py --statistics --sizes 0.125 0.25 --models 4 --max-hidden 512
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +50,16 @@ GEN_CHUNK_BYTES = 16 * MiB
 IO_CHUNK_BYTES = 16 * MiB
 RESULT_PREFIX = "BENCH-RESULT "
 FAMILY_VERSION = 1
+STATISTICS_VERSION = 1
 DEFAULT_METHODS = ["average", "task_arithmetic", "dare", "ties"]
+STATISTIC_METHODS = ["fisher", "regmean", "mats", "ubgm"]
+REFERENCE_METHOD = "average"  # the same models merged without statistics
+STATISTICS_SIZES = [0.125, 0.25]
+STATISTICS_MAX_HIDDEN = 512
+BOUND_SLACK = 64 * MiB
+FISHER_SCALE = 1e-4  # Fisher = (FISHER_SCALE^½ · N(0, 1))²
+GRAM_RANK = 16  # Gram = AᵀA / GRAM_RANK + GRAM_RIDGE · I, A: GRAM_RANK random rows
+GRAM_RIDGE = 1.0
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -137,10 +156,10 @@ class Family:
              **asdict(self)}, sort_keys=True)}
 
 
-def family_for(size_gib: float) -> Family:
-    """The widest hidden size (<= 1024) whose embedding and two layers fit in the size; lm_head fills the rest."""
+def family_for(size_gib: float, max_hidden: int = 1024) -> Family:
+    """The widest hidden size (<= max_hidden) whose embedding and two layers fit in the size; lm_head fills the rest."""
     target = int(size_gib * GiB)
-    for h in (1024, 512, 256, 128, 64):
+    for h in (h for h in (1024, 512, 256, 128, 64) if h <= max_hidden):
         fixed = VOCAB * h * 4 + h * 4 + MAX_POSITIONS * 8
         layer = (12 * h * h + 2 * h) * 4
         if fixed + 2 * layer <= target:
@@ -209,9 +228,13 @@ def checkpoint_ok(path: Path, family: Family, role: str) -> bool:
         f.close()
 
 
+def family_folder(workdir: Path, family: Family) -> Path:
+    return workdir / f"size-{family.size_gib:g}GiB-h{family.hidden}"
+
+
 def ensure_family(workdir: Path, family: Family, n_models: int, regenerate: bool) -> tuple[Path, list[Path], float]:
     """Base and fine-tune paths for a family, generating the missing ones; returns seconds spent generating."""
-    folder = workdir / f"size-{family.size_gib:g}GiB"
+    folder = family_folder(workdir, family)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "base.safetensors"] + [folder / f"finetune-{i}.safetensors" for i in range(1, n_models + 1)]
     spent = 0.0
@@ -225,6 +248,146 @@ def ensure_family(workdir: Path, family: Family, n_models: int, regenerate: bool
         spent += time.perf_counter() - t0
         print(f"  wrote {path} ({path.stat().st_size / MiB:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
     return paths[0], paths[1:], spent
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+
+def statistic_specs(family: Family, base: bool) -> dict[tuple[str, str], Any]:
+    """(kind, tensor) -> TensorSpec of a model's statistics: a Fisher of every float tensor and, except
+    for the base, the input and output Grams of every projection weight (not the embedding or lm_head)."""
+    from blockmerge.engine.tensors import TensorSpec
+
+    out = {}
+    for name, spec in family.specs().items():
+        if spec.floating:
+            out[("fisher", name)] = TensorSpec(spec.shape, "float32")
+        if not base and name.endswith("_proj.weight"):
+            out[("gram_in", name)] = TensorSpec((spec.shape[1], spec.shape[1]), "float32")
+            out[("gram_out", name)] = TensorSpec((spec.shape[0], spec.shape[0]), "float32")
+    return out
+
+
+def statistics_metadata(family: Family, role: str) -> dict[str, Any]:
+    """Store metadata identifying how a statistics store was generated (checked before reuse)."""
+    return {"statistics": {"generator": "benchmarks/peak_memory.py"},
+            "blockmerge-bench": {"version": STATISTICS_VERSION, "role": role, "fisher_scale": FISHER_SCALE,
+                                 "gram_rank": GRAM_RANK, "gram_ridge": GRAM_RIDGE, **asdict(family)}}
+
+
+def _statistic_rows(kind: str, spec: Any, gen: Any, start: int, stop: int, gram_rows: Any) -> Any:
+    """Rows start..stop of a statistic: non-negative Fisher entries, or rows of AᵀA / k + ridge · I."""
+    import torch
+
+    if kind == "fisher":
+        return torch.randn((stop - start, *spec.shape[1:]), generator=gen).square_().mul_(FISHER_SCALE)
+    rows = (gram_rows[:, start:stop].T @ gram_rows / GRAM_RANK).float()
+    rows[:, start:stop].diagonal().add_(GRAM_RIDGE)
+    return rows
+
+
+def generate_statistics(path: Path, family: Family, index: int) -> None:
+    """Write the statistics store of the base (index 0) or fine-tune `index`, row block by row block."""
+    import torch
+
+    from blockmerge.engine.store import StoreWriter, chunk_rows
+    from blockmerge.engine.tensors import tensor_bytes
+
+    role = "base" if index == 0 else f"finetune-{index}"
+    specs = statistic_specs(family, base=index == 0)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = StoreWriter(tmp, specs)
+    checksums = {}
+    for t, key in enumerate(sorted(specs)):
+        kind, spec = key[0], specs[key]
+        gen = torch.Generator().manual_seed(1_000_003 * t + 7919 * index + 104_729)
+        gram_rows = (torch.randn(GRAM_RANK, spec.rows, generator=gen, dtype=torch.float64)
+                     if kind != "fisher" else None)
+        chunk = chunk_rows(spec)
+        step = chunk * max(1, GEN_CHUNK_BYTES // (chunk * spec.row_numel * 4))
+        digest = hashlib.sha256()
+        for start in range(0, spec.rows, step):
+            rows = _statistic_rows(kind, spec, gen, start, min(spec.rows, start + step), gram_rows).contiguous()
+            writer.write(kind, key[1], start, rows)
+            digest.update(tensor_bytes(rows))
+        checksums[key] = digest.hexdigest()
+    writer.seal(checksums, statistics_metadata(family, role))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def statistics_ok(path: Path, family: Family, role: str) -> bool:
+    """Whether `path` is a complete statistics store generated for this family and role."""
+    from blockmerge.engine.store import is_store, read_manifest
+
+    if not is_store(path):
+        return False
+    try:
+        entries, metadata = read_manifest(path)
+    except Exception:
+        return False
+    expected = statistic_specs(family, base=role == "base")
+    return (metadata == statistics_metadata(family, role)
+            and {(e.kind, e.name): e.spec for e in entries} == expected)
+
+
+def ensure_statistics(workdir: Path, family: Family, n_models: int, regenerate: bool
+                      ) -> tuple[Path, list[Path], float]:
+    """Statistics stores of the base and fine-tunes, generating the missing ones; returns seconds spent."""
+    folder = family_folder(workdir, family)
+    paths = [folder / "stats-base"] + [folder / f"stats-finetune-{i}" for i in range(1, n_models + 1)]
+    spent = 0.0
+    for i, path in enumerate(paths):
+        role = "base" if i == 0 else f"finetune-{i}"
+        if not regenerate and statistics_ok(path, family, role):
+            print(f"  reuse {path} ({directory_bytes(path) / MiB:.0f} MiB)", flush=True)
+            continue
+        t0 = time.perf_counter()
+        generate_statistics(path, family, i)
+        spent += time.perf_counter() - t0
+        print(f"  wrote {path} ({directory_bytes(path) / MiB:.0f} MiB) in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+    return paths[0], paths[1:], spent
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def method_inputs(method: str, hyperparameters: dict[str, Any], family: Family, n_models: int) -> dict[str, Any]:
+    """What a merge reads (as the method's plugin declares it) and the memory bound it is held to.
+
+    bound = max over the tensors it merges with statistics of (N + 2) × the tensor's float32 bytes
+    (models, base, output) + N × its whole-tensor statistics (Grams) + BOUND_SLACK.
+    """
+    from blockmerge.engine.run import STAT_SHAPES
+    from blockmerge.plugins import get
+    from blockmerge.plugins.base import parse_hyperparameters
+
+    plugin = get(method)
+    hp, _ = parse_hyperparameters(plugin, hyperparameters)
+    needs = plugin.needs(hp)
+    supplied = statistic_specs(family, base=False)
+    supplied_kinds = {kind for kind, _ in supplied}
+    kinds = sorted(set(needs.statistics) | {k for k in needs.optional_statistics + needs.one_of_statistics
+                                             if k in supplied_kinds})
+    base_kinds = list(plugin.base_statistics)
+    reads_base = needs.base or bool(base_kinds)
+    stat_bytes = (n_models * sum(s.nbytes for (k, _), s in supplied.items() if k in kinds)
+                  + sum(s.nbytes for (k, _), s in statistic_specs(family, base=True).items() if k in base_kinds))
+    bound, bound_tensor = 0, None
+    for name, spec in family.specs().items():
+        if not kinds or not all((k, name) in supplied for k in kinds):
+            continue
+        whole = sum(supplied[(k, name)].nbytes for k in kinds if STAT_SHAPES[k] is not None)
+        need = (n_models + 2) * spec.numel * 4 + n_models * whole
+        if need > bound:
+            bound, bound_tensor = need, name
+    return {"statistics": kinds, "base_statistics": base_kinds, "reads_base": reads_base,
+            "model_bytes": (n_models + reads_base) * family.nbytes(), "statistics_bytes": stat_bytes,
+            "bound_bytes": bound + BOUND_SLACK if bound_tensor else None, "bound_tensor": bound_tensor}
 
 
 # --------------------------------------------------------------------------------------------- page cache and disk
@@ -367,8 +530,8 @@ def child_main(spec_json: str) -> None:
     sampler = RssSampler()
     sampler.start()
     t1 = time.perf_counter()
-    summary = blockmerge.merge(spec["method"], spec["models"], base=spec["base"], out=spec["out"],
-                               overwrite=True, **kwargs)
+    summary = blockmerge.merge(spec["method"], spec["models"], base=spec["base"], stats=spec.get("stats"),
+                               base_stats=spec.get("base_stats"), out=spec["out"], overwrite=True, **kwargs)
     wall = time.perf_counter() - t1
     sampled = sampler.stop()
     end = proc_status()
@@ -422,15 +585,31 @@ def within(a: float, b: float, tolerance: float) -> bool:
     return abs(a - b) <= tolerance * b
 
 
-def check_targets(rows: list[dict[str, Any]], methods: list[str], sizes: list[float]) -> list[str]:
-    """PASS/FAIL lines: delta < 25% of a model at the largest size; delta(S) within 20% of delta(S/2)."""
+def check_targets(rows: list[dict[str, Any]], methods: list[str], sizes: list[float], share: bool = True
+                  ) -> list[str]:
+    """PASS/FAIL lines: delta < 25% of a model at the largest size (if `share`); delta below the row's
+    bound where it has one; delta(S) within 20% of delta(S/2)."""
     by = {(r["size_gib"], r["method"]): r for r in rows}
     largest = max(sizes)
     pairs = [(s, h) for s in sizes for h in sizes if abs(h * 2 - s) < 1e-9]
     lines = []
     for m in methods:
+        for size in sizes:
+            r = by.get((size, m))
+            if r is not None and r.get("bound_bytes"):
+                ok = r["delta_bytes"] < r["bound_bytes"]
+                lines.append(f"{'PASS' if ok else 'FAIL'} {m}: delta {r['delta_bytes'] / MiB:.0f} MiB at {size:g} GiB "
+                             f"vs bound {r['bound_bytes'] / MiB:.0f} MiB ({r['bound_tensor']}; target below)")
+                reference = by.get((size, REFERENCE_METHOD))
+                if reference is not None:
+                    # The constant taken as the engine's own overhead at this block size: the average merge's delta.
+                    extra, layer = r["delta_bytes"] - reference["delta_bytes"], r["bound_bytes"] - BOUND_SLACK
+                    lines.append(f"{'PASS' if extra < layer else 'FAIL'} {m}: delta − {REFERENCE_METHOD}'s delta = "
+                                 f"{extra / MiB:.0f} MiB at {size:g} GiB vs the layer's weights + Grams × N = "
+                                 f"{layer / MiB:.0f} MiB (constant = {REFERENCE_METHOD}'s delta, "
+                                 f"{reference['delta_bytes'] / MiB:.0f} MiB)")
         r = by.get((largest, m))
-        if r is not None:
+        if share and r is not None:
             ok = r["delta_bytes"] < 0.25 * r["model_bytes"]
             lines.append(f"{'PASS' if ok else 'FAIL'} {m}: delta {r['delta_bytes'] / MiB:.0f} MiB = "
                          f"{100 * r['delta_bytes'] / r['model_bytes']:.1f}% of one model at {largest:g} GiB "
@@ -466,8 +645,59 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+READ_LEGEND = {
+    False: "- wait4 maxrss = the child's ru_maxrss as its parent sees it (what `/usr/bin/time -v` prints; includes "
+           "imports).\n- read/written = the Summary's bytes_read / bytes_written (every pass counts its reads).",
+    True: "- read = the Summary's bytes_read (every pass counts its reads, and every row block of a tensor reads "
+          "its Grams again).",
+}
+STATISTICS_LEGEND = f"""\
+- statistics read: the kinds the method's plugin declares, of the N fine-tunes (and of the base where \
+named). Every fine-tune's store holds a Fisher of each float tensor and `gram_in`/`gram_out` of each \
+`*_proj` weight; the base's holds a Fisher only. Tensors without the kinds a method reads (embedding, \
+lm_head, norms for RegMean/MaTS) are averaged by the engine.
+- inputs: bytes of the checkpoints the merge reads (N fine-tunes, + the whole base where the method reads \
+it, though tensors the engine averages do not read it) / bytes of the statistics it reads, each counted once.
+- delta without statistics: the delta of `{REFERENCE_METHOD}` of the same models at the same size (no \
+statistics, no base: the same merge's model inputs without the statistics bytes); delta − that = \
+what the statistics and the method's own arithmetic add.
+- bound = max over the tensors the method merges with statistics of (N models + base + output) × \
+the tensor's float32 bytes + N × its Grams' bytes (the kinds read whole: `gram_in`, `gram_out`), \
++ {BOUND_SLACK // MiB} MiB; the tensor is named. For Fisher and UBGM (statistics cut to the block's rows) the \
+largest tensor is the embedding and the bound is loose: their peak is set by the block budget.
+"""
+
+
+def statistics_table(rows: list[dict[str, Any]]) -> str:
+    """One row per size × method of a statistics run, next to the same size's average merge."""
+    head = ["size GiB", "method", "statistics read", "inputs MiB (models+base / statistics)", "read MiB",
+            "peak RSS MiB", "delta MiB", "delta without statistics MiB", "delta − that MiB", "bound MiB",
+            "below bound", "anon/file MiB", "wall s", "blocks"]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i not in (1, 2) else ":---"
+                                                           for i in range(len(head))) + "|"]
+    reference = {r["size_gib"]: r for r in rows if r["method"] == REFERENCE_METHOD}
+    for r in rows:
+        s, inputs = r["summary"], r["inputs"]
+        ref = reference.get(r["size_gib"])
+        is_ref = r["method"] == REFERENCE_METHOD
+        bound = r.get("bound_bytes")
+        cells = [f"{r['size_gib']:g}", r["method"], ", ".join(inputs["statistics"] + [
+            f"base {k}" for k in inputs["base_statistics"]]) or "none",
+            f"{inputs['model_bytes'] / MiB:.0f} / {inputs['statistics_bytes'] / MiB:.0f}",
+            f"{s['bytes_read'] / MiB:.0f}", f"{r['vmhwm_bytes'] / MiB:.0f}", f"{r['delta_bytes'] / MiB:.0f}",
+            "(reference)" if is_ref or ref is None else f"{ref['delta_bytes'] / MiB:.0f}",
+            "" if is_ref or ref is None else f"{(r['delta_bytes'] - ref['delta_bytes']) / MiB:+.0f}",
+            "—" if not bound else f"{bound / MiB:.0f} ({r['bound_tensor'].removeprefix('model.')})",
+            "—" if not bound else ("yes" if r["delta_bytes"] < bound else "**no**"),
+            f"{s['peak_rss_anon_bytes'] / MiB:.0f}/{s['peak_rss_file_bytes'] / MiB:.0f}", f"{r['wall_s']:.1f}",
+            str(s["blocks"])]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def plot(rows: list[dict[str, Any]], methods: list[str], sizes: list[float], path: Path) -> None:
-    """Bars of delta RSS per method at each size (with the 25% line) and of wall time vs I/O floor."""
+    """Bars of delta RSS per method at each size (with the 25% line, or each bar's bound) and of wall
+    time vs I/O floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -482,8 +712,13 @@ def plot(rows: list[dict[str, Any]], methods: list[str], sizes: list[float], pat
         pos = [x + (j - (len(sizes) - 1) / 2) * width for x in xs]
         bars = ax1.bar(pos, deltas, width, label=f"{size:g} GiB models")
         ax1.bar_label(bars, fmt="%.0f", fontsize=7)
+        bounds = [(x, by[(size, m)]["bound_bytes"] / MiB) for x, m in zip(pos, methods)
+                  if by.get((size, m), {}).get("bound_bytes")]
+        if bounds:
+            ax1.scatter(*zip(*bounds), marker="_", s=400, color="black", linewidths=2, zorder=3,
+                        label="bound" if j == 0 else None)
         model = next((by[(size, m)]["model_bytes"] for m in methods if (size, m) in by), None)
-        if model:
+        if model and not bounds:
             ax1.axhline(0.25 * model / MiB, color=bars.patches[0].get_facecolor(), ls="--", lw=1,
                         label=f"25% of a {size:g} GiB model")
     ax1.set_xticks(list(xs), methods)
@@ -510,27 +745,43 @@ def plot(rows: list[dict[str, Any]], methods: list[str], sizes: list[float], pat
     plt.close(fig)
 
 
+def results_stem(statistics: bool) -> str:
+    return "peak_memory_statistics" if statistics else "peak_memory"
+
+
 def write_reports(results_dir: Path, report: dict[str, Any], methods: list[str], sizes: list[float]) -> str:
-    """Write peak_memory.{json,md,png}; return the markdown."""
+    """Write peak_memory{,_statistics}.{json,md,png}; return the markdown."""
+    statistics = bool(report.get("statistics"))
+    stem = results_stem(statistics)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "peak_memory.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     m, d = report["machine"], report["disk"]
     fams = "\n".join(f"- {f['size_gib']:g} GiB: hidden {f['hidden']}, {f['layers']} layers, vocab {VOCAB}, "
                      f"lm_head {f['lm_head_rows']} rows, {f['tensors']} tensors, "
                      f"{f['model_bytes'] / MiB:.0f} MiB of tensor data per checkpoint; largest tensor "
-                     f"{f['largest_tensor_bytes'] / MiB:.0f} MiB" for f in report["families"])
+                     f"{f['largest_tensor_bytes'] / MiB:.0f} MiB" + (
+                         "; statistics per fine-tune " + ", ".join(f"{k} {b / MiB:.0f} MiB"
+                                                                  for k, b in f["statistics_bytes"].items())
+                         + f", largest Gram {f['largest_gram_bytes'] / MiB:.0f} MiB"
+                         if statistics else "") for f in report["families"])
     rd = d["read"]
     env = report.get("child_env") or {}
     env_note = ", child environment " + " ".join(f"{k}={v}" for k, v in env.items()) if env else ""
     gen = (f"{report['generation_s']:.0f} s of it generating models" if report["generation_s"]
            else "models reused from an earlier run")
-    md = f"""# blockmerge peak memory and wall time
+    load = report.get("load_average")
+    load_note = (f" Load average (1 min) {load['start']:.1f} at the start and {load['end']:.1f} at the end on "
+                 f"{m['nproc']} cores shared with other work: wall times are noisy, memory figures are not."
+                 if load else "")
+    title = "of the statistic methods" if statistics else "and wall time"
+    legend = STATISTICS_LEGEND if statistics else ""
+    md = f"""# blockmerge peak memory {title}
 
 Generated by `benchmarks/peak_memory.py` on {report['date']}.
 
 Command: `{report['command']}`
 
-Runtime: {report['total_s']:.0f} s, {gen}.
+Runtime: {report['total_s']:.0f} s, {gen}.{load_note}
 
 Machine: {m['cpu']}, {m['nproc']} cores, {m['ram_bytes'] / GiB:.1f} GiB RAM, Linux {m['kernel']}, \
 Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads).
@@ -548,14 +799,13 @@ I/O floor = bytes read / read throughput + bytes written / write throughput.
 Models (float32, Llama-shaped, fine-tune = base + N(0, {NOISE_STD:g}²)):
 {fams}
 
-{markdown_table(report['rows'])}
+{statistics_table(report['rows']) if statistics else markdown_table(report['rows'])}
 
-- peak RSS = the child's VmHWM at the end, reset to the post-import RSS via /proc/self/clear_refs \
+{legend}- peak RSS = the child's VmHWM at the end, reset to the post-import RSS via /proc/self/clear_refs \
 ({'done' if all(r['hwm_reset'] for r in report['rows']) else 'NOT available: includes the import'}); \
 idle = VmRSS after `import torch, blockmerge`; delta = peak − idle.
 - anon/file = the Summary's peak anonymous / file-backed resident bytes (sampled after each block).
-- wait4 maxrss = the child's ru_maxrss as its parent sees it (what `/usr/bin/time -v` prints; includes imports).
-- read/written = the Summary's bytes_read / bytes_written (every pass counts its reads).
+{READ_LEGEND[statistics]}
 
 ## Targets
 
@@ -565,8 +815,8 @@ idle = VmRSS after `import torch, blockmerge`; delta = peak − idle.
 """
     if report.get("notes"):
         md += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in report["notes"]) + "\n"
-    (results_dir / "peak_memory.md").write_text(md)
-    plot(report["rows"], methods, sizes, results_dir / "peak_memory.png")
+    (results_dir / f"{stem}.md").write_text(md)
+    plot(report["rows"], methods, sizes, results_dir / f"{stem}.png")
     return md
 
 
@@ -577,14 +827,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sizes", type=float, nargs="+", default=[0.5, 1.0], help="model sizes in GiB")
+    p.add_argument("--sizes", type=float, nargs="+", default=None,
+                   help=f"model sizes in GiB (default: 0.5 1; with --statistics {' '.join(map(str, STATISTICS_SIZES))}"
+                        ")")
     p.add_argument("--models", type=int, default=4, help="fine-tunes merged (plus a base)")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"default: {' '.join(DEFAULT_METHODS)}; with --statistics {' '.join(STATISTIC_METHODS)} "
+                        f"(plus {REFERENCE_METHOD}, always run as the reference)")
+    p.add_argument("--statistics", action="store_true",
+                   help="generate statistics stores and measure the statistic methods "
+                        "(results in peak_memory_statistics.{md,json,png})")
+    p.add_argument("--max-hidden", type=int, default=None,
+                   help=f"largest hidden size of the generated models (default: 1024; with --statistics "
+                        f"{STATISTICS_MAX_HIDDEN}, so MaTS's K-FAC solves stay affordable on a few cores)")
+    p.add_argument("--mats-iterations", type=int, default=10, help="MaTS conjugate-gradient iterations per tensor")
     p.add_argument("--block-size", default=None, help="blockmerge block budget, e.g. 32MiB (default: blockmerge's)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/blockmerge-bench"),
                    help="where models and outputs are written (not in the repository)")
-    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="where peak_memory.{md,json,png} go")
-    p.add_argument("--regenerate", action="store_true", help="regenerate models even if they exist")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                   help="where peak_memory{,_statistics}.{md,json,png} go")
+    p.add_argument("--regenerate", action="store_true", help="regenerate models (and statistics) even if they exist")
     p.add_argument("--warm", action="store_true", help="do not drop the inputs' page cache before each merge")
     p.add_argument("--keep-outputs", action="store_true", help="keep merged outputs in the work directory")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -593,7 +855,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure nothing: rewrite the .md and .png from the JSON already in --results")
     p.add_argument("--notes", type=Path, help="text file of findings (one per line) added to the report's Notes")
     p.add_argument("--child", metavar="SPEC_JSON", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = [REFERENCE_METHOD, *STATISTIC_METHODS] if args.statistics else DEFAULT_METHODS
+    elif args.statistics and REFERENCE_METHOD not in args.methods:
+        args.methods = [REFERENCE_METHOD, *args.methods]
+    needing = [m for m in args.methods if m in STATISTIC_METHODS]
+    if needing and not args.statistics:
+        p.error(f"--methods {needing[0]} reads statistics: add --statistics")
+    args.sizes = args.sizes or (STATISTICS_SIZES if args.statistics else [0.5, 1.0])
+    args.max_hidden = args.max_hidden or (STATISTICS_MAX_HIDDEN if args.statistics else 1024)
+    return args
+
+
+def hyperparameters_of(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Hyperparameters a merge is run with (the defaults, but MaTS's iterations)."""
+    return {"num_iterations": args.mats_iterations} if method == "mats" else {}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -607,7 +884,7 @@ def main(argv: list[str] | None = None) -> None:
 
     notes = [line.strip() for line in args.notes.read_text().splitlines() if line.strip()] if args.notes else []
     if args.report_only:
-        report = json.loads((args.results / "peak_memory.json").read_text())
+        report = json.loads((args.results / f"{results_stem(args.statistics)}.json").read_text())
         report["notes"] = notes or report.get("notes", [])
         methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
         print(write_reports(args.results, report, methods, sorted({r["size_gib"] for r in report["rows"]})))
@@ -624,10 +901,10 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_description()
     print(f"machine: {machine}", flush=True)
 
-    families, paths = [], {}
+    families, paths, stat_paths = [], {}, {}
     gen_s = 0.0
     for size in sizes:
-        fam = family_for(size)
+        fam = family_for(size, args.max_hidden)
         specs = fam.specs()
         print(f"model family {size:g} GiB: hidden {fam.hidden}, {fam.layers} layers", flush=True)
         base, models, spent = ensure_family(workdir, fam, args.models, args.regenerate)
@@ -635,6 +912,15 @@ def main(argv: list[str] | None = None) -> None:
         paths[size] = (fam, base, models)
         families.append({**asdict(fam), "tensors": len(specs), "model_bytes": fam.nbytes(),
                          "largest_tensor_bytes": max(s.nbytes for s in specs.values())})
+        if args.statistics:
+            stat_paths[size] = ensure_statistics(workdir, fam, args.models, args.regenerate)
+            gen_s += stat_paths[size][2]
+            by_kind: dict[str, int] = {}
+            for (kind, _), spec in statistic_specs(fam, base=False).items():
+                by_kind[kind] = by_kind.get(kind, 0) + spec.nbytes
+            families[-1]["statistics_bytes"] = by_kind
+            families[-1]["largest_gram_bytes"] = max(spec.nbytes for (kind, _), spec in
+                                                     statistic_specs(fam, base=False).items() if kind != "fisher")
 
     print("measuring the disk", flush=True)
     disk = {"read": measure_read(paths[sizes[-1]][2][0]), "write": measure_write(workdir)}
@@ -643,36 +929,55 @@ def main(argv: list[str] | None = None) -> None:
           f"MiB/s; write+fsync {disk['write']['bytes_per_s'] / MiB:.0f} MiB/s", flush=True)
 
     rows = []
+    load_start = os.getloadavg()[0]
     for size in sizes:
         fam, base, models = paths[size]
         for method in args.methods:
-            out = workdir / f"size-{size:g}GiB" / f"out-{method}.safetensors"
+            out = family_folder(workdir, fam) / f"out-{method}.safetensors"
+            hyperparameters = hyperparameters_of(method, args)
+            spec = {"method": method, "models": [str(p) for p in models], "base": str(base), "out": str(out),
+                    "block_size": args.block_size, "hyperparameters": hyperparameters}
             inputs = [base, *models]
+            stores = []
+            if args.statistics:
+                described = method_inputs(method, hyperparameters, fam, args.models)
+                base_stats, model_stats, _ = stat_paths[size]
+                if described["statistics"]:
+                    spec["stats"] = [str(p) for p in model_stats]
+                    stores += model_stats
+                if described["base_statistics"]:
+                    spec["base_stats"] = str(base_stats)
+                    stores.append(base_stats)
             if not args.warm:
-                for p in inputs:
+                for p in [*inputs, *(f for store in stores for f in store.rglob("*") if f.is_file())]:
                     drop_cache(p)
             resident = [resident_fraction(p) for p in inputs]
-            spec = {"method": method, "models": [str(p) for p in models], "base": str(base), "out": str(out),
-                    "block_size": args.block_size}
             print(f"merge {method} at {size:g} GiB ...", flush=True)
             r = run_child(spec, child_env)
             s = r["summary"]
             r["size_gib"] = size
             r["model_bytes"] = fam.nbytes()
+            r["hyperparameters"] = hyperparameters
+            if args.statistics:
+                r["inputs"] = described
+                r["bound_bytes"], r["bound_tensor"] = described["bound_bytes"], described["bound_tensor"]
             r["inputs_resident_before"] = resident
             r["io_floor_s"] = (s["bytes_read"] / disk["read"]["bytes_per_s"]
                                + s["bytes_written"] / disk["write"]["bytes_per_s"])
             rows.append(r)
+            bound = f", bound {r['bound_bytes'] / MiB:.0f} MiB" if r.get("bound_bytes") else ""
             print(f"  wall {r['wall_s']:.1f} s (floor {r['io_floor_s']:.1f} s), VmHWM {r['vmhwm_bytes'] / MiB:.0f} MiB,"
                   f" idle {r['idle_rss_bytes'] / MiB:.0f} MiB, delta {r['delta_bytes'] / MiB:.0f} MiB "
-                  f"({100 * r['delta_bytes'] / r['model_bytes']:.1f}% of a model), sampled anon/file "
+                  f"({100 * r['delta_bytes'] / r['model_bytes']:.1f}% of a model{bound}), sampled anon/file "
                   f"{r['sampled_peak']['anon'] / MiB:.0f}/{r['sampled_peak']['file'] / MiB:.0f} MiB", flush=True)
             if not args.keep_outputs:
                 out.unlink(missing_ok=True)
 
-    targets = check_targets(rows, args.methods, sizes)
+    targets = check_targets(rows, args.methods, sizes, share=not args.statistics)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "machine": machine,
+        "statistics": args.statistics, "max_hidden": args.max_hidden,
+        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "block_bytes": parse_size(args.block_size or DEFAULT_BLOCK_BYTES), "n_models": args.models,
         "warm": args.warm, "child_env": child_env, "workdir": str(workdir), "families": families, "disk": disk,
         "rows": rows, "targets": targets, "notes": notes, "generation_s": gen_s,

@@ -23,34 +23,51 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
           format: str | None = None, block_size: int | str = DEFAULT_BLOCK_BYTES, device: str = "cpu",
           dtype: str | None = None, compute_dtype: str = "float32", resume: bool = False, overwrite: bool = False,
           codec: str = "none", max_shard_size: int | str = DEFAULT_SHARD_BYTES, progress: bool = False,
-          **hyperparameters: Any) -> dict[str, torch.Tensor] | Summary:
+          executor: str = "local", scheduler: str | None = None,
+          repo: str | os.PathLike | None = None, **hyperparameters: Any) -> dict[str, torch.Tensor] | Summary:
     """Merge fine-tuned checkpoints with a registered method, one parameter block at a time.
 
     models, base: paths (safetensors, shard index, .bin/.pt, Hugging Face directory, blockmerge
-    store) or mappings of name -> tensor. stats: per model, a statistics store path or
-    {kind: path or mapping}. out: None returns the merged tensors; a path writes there atomically
-    (`.safetensors` file, or a directory in `format` store | safetensors | hf) and returns the
-    Summary. Hyperparameters use the canonical names of METHODS.md §16.
+    store), `REV:PATH` of a file tracked with git-theta in the repository `repo` (default: the current one),
+    or mappings of name -> tensor. stats: per model, a statistics store path, a one-kind statistics
+    `.safetensors` file (or its `REV:PATH`) or {kind: path or mapping}. out: None returns the merged
+    tensors; a path writes there atomically (`.safetensors` file, or a directory in `format` store |
+    safetensors | hf) and returns the Summary. Hyperparameters use the canonical names of METHODS.md §16.
+    executor: `local`, or `dask` to run the blocks as tasks on the Dask cluster at `scheduler` (default
+    $BLOCKMERGE_DASK_SCHEDULER, else a LocalCluster of this machine); inputs and `out` must then be
+    paths every worker sees.
     """
+    if executor not in ("local", "dask"):
+        raise BlockmergeError(f"unknown executor {executor!r} (local or dask)")
+    if scheduler is not None and executor != "dask":
+        raise BlockmergeError("a scheduler is given but the executor is local (pass executor='dask' / --executor dask)")
     spec = get(method)
     hp, common = parse_hyperparameters(spec, hyperparameters)
     if isinstance(models, (str, os.PathLike, Mapping)) or len(models) == 0:
         raise BlockmergeError("models must be a non-empty list of checkpoints")
-    opened = [open_checkpoint(m, f"models[{i}]") for i, m in enumerate(models)]
+    opened = [open_checkpoint(m, f"models[{i}]", repo=repo) for i, m in enumerate(models)]
     job = Job(
         method=spec, hyperparameters=hp, common=common, models=opened,
-        base=open_checkpoint(base, "base") if base is not None else None,
-        stats=[open_statistics(s, f"stats[{i}]") for i, s in enumerate(stats or [])],
-        base_stats=open_statistics(base_stats, "base_stats") if base_stats is not None else {},
+        base=open_checkpoint(base, "base", repo=repo) if base is not None else None,
+        stats=[open_statistics(s, f"stats[{i}]", repo) for i, s in enumerate(stats or [])],
+        base_stats=open_statistics(base_stats, "base_stats", repo) if base_stats is not None else {},
         device=device, dtype=dtype, compute_dtype=compute_dtype, block_bytes=parse_size(block_size),
         progress=progress,
     )
     layout = check(job)
     out_format = infer_format(out, format) if out is not None else "store"
     files = (job.base or job.models[0]).files
-    summary, tensors = execute(job, layout, out, out_format=out_format, codec=codec,
-                               shard_bytes=parse_size(max_shard_size), resume=resume, overwrite=overwrite,
-                               files=files)
+    options = dict(out_format=out_format, codec=codec, shard_bytes=parse_size(max_shard_size), resume=resume,
+                   overwrite=overwrite, files=files)
+    if executor == "dask":
+        if out is None:
+            raise BlockmergeError("the dask executor writes to a path every worker sees: pass out= / --out")
+        from .engine.cluster import DaskExecutor
+
+        with DaskExecutor(job, scheduler) as runner:
+            summary, tensors = execute(job, layout, out, executor=runner, **options)
+    else:
+        summary, tensors = execute(job, layout, out, **options)
     return tensors if out is None else summary
 
 

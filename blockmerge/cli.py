@@ -82,7 +82,7 @@ def main() -> None:
 
 @main.command()
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="YAML config (flags override it).")
-@click.option("--method", "-m", help="Registered method name (see `blockmerge methods`).")
+@click.option("--method", help="Registered method name (see `blockmerge methods`).")
 @click.option("--base", help="Pretrained checkpoint.")
 @click.option("--model", "models", multiple=True, help="Fine-tuned checkpoint (repeat).")
 @click.option("--stats", "stats", multiple=True, help="INDEX=PATH: statistics store of model INDEX (0-based).")
@@ -96,12 +96,20 @@ def main() -> None:
 @click.option("--compute-dtype", help="float32 (default) or float64.")
 @click.option("--codec", help="Store compression: none, zstd, gzip, blosc.")
 @click.option("--max-shard-size", help="Shard safetensors outputs above this size (default 5GiB).")
+@click.option("--repo", help="git-theta repository that REV:PATH inputs name (default: the current one).")
+@click.option("--commit", is_flag=True, help="Commit --out (tracked with git-theta) with the merge's provenance.")
+@click.option("--message", "-m", help="With --commit: the commit message.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge into the same output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (atomically, when complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default="local",
+              help="Merge here, or as tasks on a Dask cluster (inputs and --out on storage every worker sees).")
+@click.option("--scheduler", help="With --executor dask: tcp://HOST:8786 (default $BLOCKMERGE_DASK_SCHEDULER, "
+              "else a local cluster).")
 @_errors
 def merge(config, method, base, models, stats, base_stats, sets, out, format, block_size, device, dtype,
-          compute_dtype, codec, max_shard_size, resume, overwrite, quiet) -> None:
+          compute_dtype, codec, max_shard_size, repo, commit, message, resume, overwrite, quiet, executor,
+          scheduler) -> None:
     """Merge checkpoints with a method and write the result."""
     cfg = _load_config(config) if config else {"models": [], "stats": []}
     flags = {"method": method, "base": base, "base_stats": base_stats, "out": out, "format": format,
@@ -123,9 +131,16 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, bl
         raise BlockmergeError("statistics must be given for every model or none")
     options = {k: cfg[k] for k in ("format", "block_size", "device", "dtype", "compute_dtype", "codec",
                                    "max_shard_size") if cfg.get(k) is not None}
-    summary = api.merge(cfg["method"], cfg["models"], base=cfg.get("base"), stats=cfg["stats"] if given else None,
-                        base_stats=cfg.get("base_stats"), out=cfg["out"], resume=resume, overwrite=overwrite,
-                        progress=not quiet, **options, **hyperparameters)
+    if message and not commit:
+        raise BlockmergeError("--message is for --commit")
+    run = api.merge
+    if commit:
+        from .gittheta.commit import committing
+
+        run = committing(message)
+    summary = run(cfg["method"], cfg["models"], base=cfg.get("base"), stats=cfg["stats"] if given else None,
+                  base_stats=cfg.get("base_stats"), out=cfg["out"], resume=resume, overwrite=overwrite,
+                  progress=not quiet, executor=executor, scheduler=scheduler, repo=repo, **options, **hyperparameters)
     if not quiet:
         print_summary([summary])
 
@@ -207,17 +222,19 @@ def stats() -> None:
 @click.option("--model", required=True, help="Fine-tuned checkpoint.")
 @click.option("--base", required=True, help="Pretrained checkpoint.")
 @click.option("--density", default=0.2, show_default=True, type=float, help="Kept fraction K of the task vector.")
-@click.option("--out", "-o", required=True, help="Statistics store to write.")
+@click.option("--out", "-o", required=True, help="Statistics store (directory) or FILE.safetensors (one kind).")
 @click.option("--block-size", default=None, help="Bytes of inputs per block.")
 @click.option("--overwrite", is_flag=True)
 @_errors
 def stats_trimmed(model: str, base: str, density: float, out: str, block_size: str | None, overwrite: bool) -> None:
     """The task vector trimmed to its global top-DENSITY magnitudes (TIES's trim, METHODS.md §4.3)."""
+    from .gittheta.statsfile import statistics_output
     from .stats.trimmed import trimmed
 
     options = {"block_size": block_size} if block_size else {}
-    summary = trimmed(model, base, out, density=density, overwrite=overwrite, progress=True, **options)
-    click.echo(f"trimmed task vector of {model} written to {summary.output} ({summary.seconds:.1f} s)")
+    with statistics_output(out, overwrite=overwrite) as target:
+        summary = trimmed(model, base, target, density=density, overwrite=overwrite, progress=True, **options)
+    click.echo(f"trimmed task vector of {model} written to {out} ({summary.seconds:.1f} s)")
 
 
 def _task_options(fn):
@@ -237,8 +254,15 @@ def _task_options(fn):
         click.option("--batch-size", default=8, show_default=True, type=int),
         click.option("--device", default="cpu", show_default=True),
         click.option("--seed", default=0, show_default=True, type=int),
-        click.option("--out", "-o", required=True, help="Statistics store to write."),
+        click.option("--out", "-o", required=True, help="Statistics store (directory) or FILE.safetensors (one kind)."),
         click.option("--overwrite", is_flag=True),
+        click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+                     help="Compute here, or as shards on a Dask cluster (model, data and --out on storage every "
+                     "worker sees)."),
+        click.option("--scheduler", help="With --executor dask: tcp://HOST:8786 (default "
+                     "$BLOCKMERGE_DASK_SCHEDULER, else a local cluster)."),
+        click.option("--shards", type=int, help="With --executor dask: number of tasks the examples are split into "
+                     "(default: one per worker thread)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -258,7 +282,10 @@ def _compute(statistic: str, model: str, data: str | None, task_file: str | None
                         label_column=label_column, target_column=target_column, max_length=max_length)
     else:
         raise BlockmergeError("pass --data (with column options) or --task")
-    summary = compute(statistic, model, task, options.pop("out"), progress=True, **options)
+    from .gittheta.statsfile import statistics_output
+
+    with statistics_output(options.pop("out"), overwrite=options["overwrite"]) as target:
+        summary = compute(statistic, model, task, target, progress=True, **options)
     click.echo(f"{', '.join(summary['kinds'])} of {model}: {summary['examples']} examples, {summary['tokens']} "
                f"tokens, {summary['seconds']:.1f} s, peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
 

@@ -512,9 +512,10 @@ def test_eval_and_sweep_cli(classifier, lm_family, tmp_path) -> None:
     _, base, models, lm_task = lm_family
     evaluation = start_cli("eval", str(directory), "--task", str(task), "--batch-size", "4", "--json-out",
                            str(tmp_path / "eval.json"), "--quiet")
-    sweeping = start_cli("sweep", "-m", "task_arithmetic", "--base", str(base), "--model", str(models[0]), "--model",
-                         str(models[1]), "--task", str(lm_task), "--grid", "scaling_factor=0.5:1.0:0.5", "--out",
-                         str(tmp_path / "best.safetensors"), "--json-out", str(tmp_path / "sweep.json"), "--quiet")
+    sweeping = start_cli("sweep", "--method", "task_arithmetic", "--base", str(base), "--model", str(models[0]),
+                         "--model", str(models[1]), "--task", str(lm_task), "--grid", "scaling_factor=0.5:1.0:0.5",
+                         "--out", str(tmp_path / "best.safetensors"), "--json-out", str(tmp_path / "sweep.json"),
+                         "--quiet")
     printed = finish(evaluation)
     assert json.loads((tmp_path / "eval.json").read_text()) == evaluate(directory, [task], batch_size=4)
     assert "cls" in printed and "macro_f1" in printed

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +28,13 @@ from .plan import BlockRef, plan
 from .sinks import DictSink, Sink, open_sink
 from .sources import Checkpoint
 from .store import chunk_rows
-from .tensors import FLOATING, TensorSpec, itemsize, tensor_bytes, torch_dtype
+from .tensors import FLOATING, TensorSpec, all_finite, itemsize, tensor_bytes, torch_dtype
+
+if TYPE_CHECKING:
+    from .cluster import DaskExecutor
+
+# Elements of one slice of a block merged at a time on the CPU (see _Engine.compute_block).
+SLICE_ELEMENTS = 1 << 17
 
 # Shape of a statistic of parameter `p`, by kind; None: the parameter's own shape.
 STAT_SHAPES = {
@@ -229,6 +237,10 @@ class _Raw:
     base_stats: dict[str, torch.Tensor]
     nbytes: int
 
+    def release(self) -> None:
+        """Drop the tensors (the consumer is done with the block; its loop variable may outlive it)."""
+        self.models, self.base, self.stats, self.base_stats = [], None, {}, {}
+
 
 class _Engine:
     def __init__(self, job: Job, layout: Layout):
@@ -239,6 +251,11 @@ class _Engine:
         self.input_hashes: dict[tuple[int, str], Any] | None = None
         self.labels = [m.label for m in job.models] + ([job.base.label] if job.base else [])
         self.peak_parts = (0, 0)  # (anonymous, file-backed) resident bytes, sampled after each block
+        self.checked: set[tuple[int, str, int, int]] = set()  # (input, name, rows) found finite in an earlier pass
+        # The whole statistics (Grams) of the parameter read last, kept for its next row blocks.
+        self.whole_name: str | None = None
+        self.whole_stats: dict[tuple, torch.Tensor] = {}
+        self.fresh: set[tuple] = set()  # keys of whole_stats read by the latest read()
 
     def _inputs(self, ref: BlockRef) -> tuple[list[int], bool]:
         """Which models and whether the base are read for a block."""
@@ -250,8 +267,11 @@ class _Engine:
 
     def _read(self, ckpt: Checkpoint, index: int, name: str, start: int, stop: int) -> torch.Tensor:
         t = ckpt.read(name, start, stop)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise BlockmergeError("contains NaN or Inf", path=ckpt.label, param=name)
+        seen = (id(ckpt), name, start, stop)
+        if t.is_floating_point() and seen not in self.checked:
+            if not all_finite(t):
+                raise BlockmergeError("contains NaN or Inf", path=ckpt.label, param=name)
+            self.checked.add(seen)
         if self.input_hashes is not None and index >= 0:
             key = (index, name)
             if key not in self.input_hashes:
@@ -272,18 +292,29 @@ class _Engine:
         stats, base_stats = {}, {}
         if ref.action == "merge":
             for kind in self.layout.stat_kinds[ref.name]:
-                stats[kind] = [self._read_stat(s[kind], kind, ref) for s in job.stats]
+                stats[kind] = [self._read_stat(s[kind], kind, ref, (t, kind)) for t, s in enumerate(job.stats)]
             for kind in job.method.base_statistics:
-                base_stats[kind] = self._read_stat(job.base_stats[kind], kind, ref)
+                base_stats[kind] = self._read_stat(job.base_stats[kind], kind, ref, ("base", kind))
+        whole = {id(t) for t in self.whole_stats.values()}
         nbytes = sum(t.numel() * t.element_size() for t in [*raw_models, *([base] if base is not None else []),
                                                              *(x for v in stats.values() for x in v),
-                                                             *base_stats.values()])
+                                                             *base_stats.values()] if id(t) not in whole)
+        nbytes += sum(t.numel() * t.element_size() for key, t in self.whole_stats.items() if key in self.fresh)
         return _Raw(ref, raw_models, base, stats, base_stats, nbytes)
 
-    def _read_stat(self, ckpt: Checkpoint, kind: str, ref: BlockRef) -> torch.Tensor:
-        """A statistic of the parameter's own shape is cut to the block's rows; others (Grams) are whole."""
-        start, stop = (ref.start, ref.stop) if STAT_SHAPES[kind] is None else (0, ckpt.specs[ref.name].rows)
-        return self._read(ckpt, -1, ref.name, start, stop)
+    def _read_stat(self, ckpt: Checkpoint, kind: str, ref: BlockRef, key: tuple) -> torch.Tensor:
+        """A statistic of the parameter's own shape is cut to the block's rows; others (Grams) are whole,
+        read once per parameter and kept for its next row blocks."""
+        if STAT_SHAPES[kind] is None:
+            return self._read(ckpt, -1, ref.name, ref.start, ref.stop)
+        if self.whole_name != ref.name:
+            self.whole_name, self.whole_stats, self.fresh = ref.name, {}, set()
+        elif key in self.whole_stats:
+            self.fresh.discard(key)
+            return self.whole_stats[key]
+        self.whole_stats[key] = self._read(ckpt, -1, ref.name, 0, ckpt.specs[ref.name].rows)
+        self.fresh.add(key)
+        return self.whole_stats[key]
 
     def blocks(self, refs: list[BlockRef], desc: str) -> Iterator[_Raw]:
         """Blocks read one ahead on a background thread, in plan order."""
@@ -294,13 +325,24 @@ class _Engine:
                 pending = pool.submit(self.read, refs[0]) if refs else None
                 for i in range(len(refs)):
                     raw = pending.result()
-                    pending = pool.submit(self.read, refs[i + 1]) if i + 1 < len(refs) else None
+                    # A block with whole statistics (Grams) is not read ahead of, nor alongside, another:
+                    # two parameters' Grams would be live at once.
+                    ahead = i + 1 < len(refs) and not (self.has_whole_stats(refs[i]) or
+                                                       self.has_whole_stats(refs[i + 1]))
+                    pending = pool.submit(self.read, refs[i + 1]) if ahead else None
                     self.summary.bytes_read += raw.nbytes
                     bar.set_postfix_str(f"block {i + 1}/{len(refs)}", refresh=False)
                     bar.update(raw.nbytes)
                     yield raw
+                    raw.release()
+                    if pending is None and i + 1 < len(refs):
+                        pending = pool.submit(self.read, refs[i + 1])
         finally:
             bar.close()
+
+    def has_whole_stats(self, ref: BlockRef) -> bool:
+        """Whether a block reads statistics whole (Gram matrices, blockwise Fishers)."""
+        return ref.action == "merge" and any(STAT_SHAPES[k] is not None for k in self.layout.stat_kinds[ref.name])
 
     def input_row_bytes(self, name: str) -> int:
         """Bytes read per row of a tensor: its models and base, and float32 statistics of its own shape."""
@@ -310,37 +352,64 @@ class _Engine:
         checkpoints = itemsize(spec.dtype) * (len(models) + with_base)
         return spec.row_numel * (checkpoints + 4 * same_shape * len(self.job.stats))
 
-    def to_block(self, raw: _Raw) -> Block:
-        def dev(t: torch.Tensor) -> torch.Tensor:
+    def to_block(self, raw: _Raw, rows: tuple[int, int] | None = None) -> Block:
+        """The block (or its rows `rows`, counted from the block's start) as compute-dtype tensors on the device."""
+        def dev(t: torch.Tensor, elementwise: bool = True) -> torch.Tensor:
+            if rows is not None and elementwise and t.dim():
+                t = t[rows[0]:rows[1]]
             return t.to(self.device, non_blocking=True).to(self.compute)
 
         ref, spec = raw.ref, self.layout.specs[raw.ref.name]
-        return Block(ref.name, ref.start, ref.stop, spec.shape, [dev(m) for m in raw.models],
+        start, stop = (ref.start, ref.stop) if rows is None else (ref.start + rows[0], ref.start + rows[1])
+        return Block(ref.name, start, stop, spec.shape, [dev(m) for m in raw.models],
                      dev(raw.base) if raw.base is not None else None,
-                     {k: [dev(x) for x in v] for k, v in raw.stats.items()},
-                     {k: dev(v) for k, v in raw.base_stats.items()})
+                     {k: [dev(x, STAT_SHAPES[k] is None) for x in v] for k, v in raw.stats.items()},
+                     {k: dev(v, STAT_SHAPES[k] is None) for k, v in raw.base_stats.items()})
 
     def compute_block(self, raw: _Raw, state: dict) -> torch.Tensor:
+        """The merged block in the output dtype, on the CPU, merged slice by slice (see `slices`)."""
         ref = raw.ref
         out_dtype = torch_dtype(self.layout.out_specs[ref.name].dtype)
         if ref.action == "copy":
             source = raw.base if raw.base is not None else raw.models[0]
             return source.to(out_dtype)
-        block = self.to_block(raw)
         method = self.job.method if ref.action == "merge" else get("average")
         hp = self.job.hyperparameters if ref.action == "merge" else method.hyperparameters()
-        result = method.merge(block, hp, state)
-        if block.report:
-            self.summary.reports.setdefault(ref.name, []).append({"rows": [ref.start, ref.stop], **block.report})
-        expected = block.models[0].shape
-        if tuple(result.shape) != tuple(expected):
-            raise BlockmergeError(f"{method.name} returned shape {list(result.shape)} for a block of shape "
-                                  f"{list(expected)}", param=ref.name)
-        result = result.to(out_dtype)
-        if not bool(torch.isfinite(result).all()):
-            raise BlockmergeError(f"{method.name} produced NaN or Inf in {self.layout.out_specs[ref.name].dtype} "
-                                  "(check the hyperparameters, statistics and --dtype)", param=ref.name)
-        return result.cpu().contiguous()
+        out = torch.empty(raw.models[0].shape, dtype=out_dtype)
+        for block in self.slices(raw, method):
+            result = method.merge(block, hp, state)
+            if block.report:
+                self.summary.reports.setdefault(ref.name, []).append(
+                    {"rows": [block.start, block.stop], **block.report})
+            expected = block.models[0].shape
+            if tuple(result.shape) != tuple(expected):
+                raise BlockmergeError(f"{method.name} returned shape {list(result.shape)} for a block of shape "
+                                      f"{list(expected)}", param=ref.name)
+            target = out[block.start - ref.start:block.stop - ref.start] if out.dim() else out
+            target.copy_(result)
+            if not all_finite(target):
+                raise BlockmergeError(f"{method.name} produced NaN or Inf in "
+                                      f"{self.layout.out_specs[ref.name].dtype} (check the hyperparameters, "
+                                      "statistics and --dtype)", param=ref.name)
+        return out
+
+    def slices(self, raw: _Raw, method: Method | None = None) -> Iterator[Block]:
+        """The block, or for a row-wise method on the CPU its rows about SLICE_ELEMENTS elements at a time.
+
+        Slices give the same bytes as whole blocks (row-wise methods do not depend on the block
+        size), and their temporaries stay in the cache and come from the heap, not fresh pages.
+        """
+        method = method or self.job.method
+        shape = raw.models[0].shape
+        rows = shape[0] if len(shape) else 1
+        step = rows
+        if method.row_blocks and self.device.type == "cpu" and len(shape):
+            step = max(1, SLICE_ELEMENTS // max(1, self.layout.specs[raw.ref.name].row_numel))
+        if step >= rows:
+            yield self.to_block(raw)
+            return
+        for first in range(0, rows, step):
+            yield self.to_block(raw, (first, min(rows, first + step)))
 
 
 def _identity(ckpt: Checkpoint) -> list:
@@ -375,11 +444,12 @@ def _jsonable(obj: Any) -> Any:
 
 def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, out_format: str = "store",
             codec: str = "none", shard_bytes: int = 0, resume: bool = False, overwrite: bool = False,
-            files: list[Path] | None = None, kind: str = "param",
-            metadata: dict | None = None) -> tuple[Summary, dict[str, torch.Tensor] | None]:
+            files: list[Path] | None = None, kind: str = "param", metadata: dict | None = None,
+            executor: DaskExecutor | None = None) -> tuple[Summary, dict[str, torch.Tensor] | None]:
     """Run the method's passes and the merge; write to `out` (atomically) or return the tensors.
 
-    `kind` and `metadata` label a store output (a statistic computed through the engine).
+    `kind` and `metadata` label a store output (a statistic computed through the engine). With an
+    `executor`, blocks are read, merged and written by its workers (`out` is then required).
     """
     start_time = time.perf_counter()
     memory.return_freed_blocks_to_the_os()
@@ -393,33 +463,42 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     if out is not None:
         extra = {"codec": codec, "shard_bytes": shard_bytes}
         output = Output(out, request_of(job, layout, out_format, extra), resume=resume, overwrite=overwrite)
-    try:
-        sink: Sink
-        if output is None:
-            sink = DictSink(layout.out_specs)
-        else:
-            sink = open_sink(output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
-                             files=files or [], create=not output.resumed, kind=kind)
-        state = _run_passes(engine, refs)
-        checksums = _merge_pass(engine, refs, sink, state, output)
-        summary.tensors_merged = sum(a == "merge" for a in layout.actions.values())
-        summary.tensors_copied = sum(a == "copy" for a in layout.actions.values())
-        summary.tensors_averaged_missing_statistic = sum(a == "average" for a in layout.actions.values())
-        summary.blocks = len(refs)
-        if output is not None:
-            sink.seal(checksums, {**_provenance(job, engine, checksums), **(metadata or {})})
-            output.commit()
-            summary.output = str(output.out)
-    except KeyboardInterrupt:
-        if output is not None:
-            output.suspend()
-        raise
-    except BaseException as err:
-        if output is not None:
-            output.abort()
-        if isinstance(err, OSError):
-            raise _os_error(err, Path(out)) from None
-        raise
+    # Elementwise kernels on the CPU run on cache-sized slices: more threads only wait at each op's barrier.
+    elementwise = all(STAT_SHAPES[k] is None for k in layout.used_kinds)
+    with _torch_threads(1 if engine.device.type == "cpu" and elementwise else torch.get_num_threads()):
+        try:
+            sink: Sink
+            if output is None:
+                sink = DictSink(layout.out_specs)
+            else:
+                sink = open_sink(output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
+                                 files=files or [], create=not output.resumed, kind=kind)
+            if executor is None:
+                state = _run_passes(engine, refs)
+                checksums, input_checksums = _merge_pass(engine, refs, sink, state, output)
+            else:
+                state = _run_passes(engine, refs, executor.map_blocks)
+                reopen = functools.partial(open_sink, output.payload, out_format, layout.out_specs, codec=codec,
+                                           shard_bytes=shard_bytes, files=[], create=False, kind=kind)
+                checksums, input_checksums = executor.merge_pass(engine, refs, sink, reopen, state, output)
+            summary.tensors_merged = sum(a == "merge" for a in layout.actions.values())
+            summary.tensors_copied = sum(a == "copy" for a in layout.actions.values())
+            summary.tensors_averaged_missing_statistic = sum(a == "average" for a in layout.actions.values())
+            summary.blocks = len(refs)
+            if output is not None:
+                sink.seal(checksums, {**_provenance(job, engine, checksums, input_checksums), **(metadata or {})})
+                output.commit()
+                summary.output = str(output.out)
+        except KeyboardInterrupt:
+            if output is not None:
+                output.suspend()
+            raise
+        except BaseException as err:
+            if output is not None:
+                output.abort()
+            if isinstance(err, OSError):
+                raise _os_error(err, Path(out)) from None
+            raise
     parts = engine.peak_parts
     summary.seconds = time.perf_counter() - start_time
     summary.peak_rss_bytes = memory.peak_rss_bytes()
@@ -428,22 +507,35 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     return summary, (sink.tensors if isinstance(sink, DictSink) else None)
 
 
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _sample_memory(engine: _Engine) -> None:
     parts = memory.rss_parts()
     anon, file = engine.peak_parts
     engine.peak_parts = (max(anon, parts.get("RssAnon", 0)), max(file, parts.get("RssFile", 0)))
 
 
-def _run_passes(engine: _Engine, refs: list[BlockRef]) -> dict:
+MapBlocks = Callable[[_Engine, list[BlockRef], int, dict, str], Iterator[tuple[Block, Any]]]
+
+
+def _run_passes(engine: _Engine, refs: list[BlockRef], map_blocks: MapBlocks | None = None) -> dict:
+    """The method's reductions, folded in plan order; `map_blocks` maps the blocks (here by default)."""
     job = engine.job
     state: dict = {}
     passes = job.method.passes(job.hyperparameters, engine.layout.used_kinds)
     merge_refs = [r for r in refs if r.action == "merge"]
     for i, p in enumerate(passes):
         acc = None
-        for raw in engine.blocks(merge_refs, f"pass {i + 1}/{len(passes)}"):
-            block = engine.to_block(raw)
-            acc = p.fold(acc, p.map(block, job.hyperparameters, state), block)
+        for block, partial in (map_blocks or _map_blocks)(engine, merge_refs, i, state, f"pass {i + 1}/{len(passes)}"):
+            acc = p.fold(acc, partial, block)
             _sample_memory(engine)
             faults.point("pass")
         state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, state))
@@ -451,36 +543,60 @@ def _run_passes(engine: _Engine, refs: list[BlockRef]) -> dict:
     return state
 
 
-def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, output: Output | None) -> dict:
-    engine.input_hashes = {}
-    out_hashes: dict[str, Any] = {}
+def _map_blocks(engine: _Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+                ) -> Iterator[tuple[Block, Any]]:
+    """Each block and its partial result of the method's pass `index`, in plan order."""
+    job = engine.job
+    p = job.method.passes(job.hyperparameters, engine.layout.used_kinds)[index]
+    for raw in engine.blocks(refs, desc):
+        for block in engine.slices(raw):
+            yield block, p.map(block, job.hyperparameters, state)
+
+
+def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict,
+                  done: dict[tuple[str, int, int], str]) -> Iterator[tuple[BlockRef, memoryview, bool]]:
+    """Each block merged and written, or kept where `done` has the sha256 of the bytes already in the sink.
+
+    Yields (block, its output bytes, kept).
+    """
     for raw in engine.blocks(refs, engine.job.method.name):
         ref = raw.ref
-        hasher = out_hashes.setdefault(ref.name, hashlib.sha256())
         key = (ref.name, ref.start, ref.stop)
-        if output is not None and key in output.done:
-            existing = sink.read(*key).contiguous()
-            if hashlib.sha256(tensor_bytes(existing)).hexdigest() == output.done[key]:
-                hasher.update(tensor_bytes(existing))
-                engine.summary.blocks_resumed += 1
+        if key in done:
+            existing = tensor_bytes(sink.read(*key).contiguous())
+            if hashlib.sha256(existing).hexdigest() == done[key]:
+                yield ref, existing, True
                 continue
         result = engine.compute_block(raw, state)
         sink.write(ref.name, ref.start, result)
         faults.point("write")
-        data = tensor_bytes(result)
-        hasher.update(data)
+        yield ref, tensor_bytes(result), False
+
+
+def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, output: Output | None
+                ) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+    """Checksums of the output tensors and of the input tensors read."""
+    engine.input_hashes = {}
+    out_hashes: dict[str, Any] = {}
+    for ref, data, kept in _write_blocks(engine, refs, sink, state, output.done if output is not None else {}):
+        out_hashes.setdefault(ref.name, hashlib.sha256()).update(data)
+        if kept:
+            engine.summary.blocks_resumed += 1
+            continue
         engine.summary.bytes_written += len(data)
         if output is not None:
             output.record(ref.name, ref.start, ref.stop, hashlib.sha256(data).hexdigest())
         _sample_memory(engine)
         faults.point("block")
-    return {n: h.hexdigest() for n, h in out_hashes.items()}
+    return ({n: h.hexdigest() for n, h in out_hashes.items()},
+            {k: h.hexdigest() for k, h in engine.input_hashes.items()})
 
 
-def _provenance(job: Job, engine: _Engine, checksums: dict[str, str]) -> dict:
+def _provenance(job: Job, engine: _Engine, checksums: dict[str, str], input_checksums: dict[tuple[int, str], str]
+                ) -> dict:
     per_input: dict[int, list[str]] = {}
-    for (index, name), h in sorted(engine.input_hashes.items()):
-        per_input.setdefault(index, []).append(f"{name}:{h.hexdigest()}")
+    for (index, name), digest in sorted(input_checksums.items()):
+        per_input.setdefault(index, []).append(f"{name}:{digest}")
     inputs = []
     for index, label in enumerate(engine.labels):
         role = "base" if index == len(job.models) else "model"

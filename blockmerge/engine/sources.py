@@ -214,19 +214,35 @@ def _is_weight_file(p: Path) -> bool:
     return p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
 
 
-def open_checkpoint(source: object, label: str, kind: str = "param") -> Checkpoint:
-    """A checkpoint from a path (any supported format) or a mapping of name -> tensor."""
+def _is_revision(source: object) -> bool:
+    """`REV:PATH` (a file tracked with git-theta, at a revision): a string with a colon naming no file."""
+    return isinstance(source, str) and ":" in source and not Path(source).exists()
+
+
+def open_checkpoint(source: object, label: str, kind: str = "param",
+                    repo: str | os.PathLike | None = None) -> Checkpoint:
+    """A checkpoint from a path (any supported format), `REV:PATH` in the git-theta repository `repo`
+    (default: the current one), or a mapping of name -> tensor."""
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, Mapping):
         return MappingCheckpoint(source, label)
+    if _is_revision(source):
+        from ..gittheta.revision import open_revision
+
+        return open_revision(source, repo)
     if isinstance(source, (str, os.PathLike)):
         return _open_path(Path(source), kind)
     raise BlockmergeError(f"expected a path or a mapping of tensors, got {type(source).__name__}", path=label)
 
 
-def open_statistics(source: object, label: str) -> dict[str, Checkpoint]:
-    """Statistics of one model, by kind: a store holding statistic kinds, or {kind: path or mapping}."""
+def open_statistics(source: object, label: str, repo: str | os.PathLike | None = None) -> dict[str, Checkpoint]:
+    """Statistics of one model, by kind: a store holding statistic kinds, a one-kind `.safetensors` file (on
+    disk or `REV:PATH` in the git-theta repository `repo`), or {kind: path or mapping}."""
+    if _is_revision(source) or isinstance(source, (str, os.PathLike)) and str(source).endswith(".safetensors"):
+        from ..gittheta.statsfile import open_statistics_file
+
+        return open_statistics_file(source, repo)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not is_store(path):
@@ -239,6 +255,6 @@ def open_statistics(source: object, label: str) -> dict[str, Checkpoint]:
             if kind not in KINDS or kind == "param":
                 raise BlockmergeError(f"unknown statistic kind {kind!r} (choose from {', '.join(KINDS[1:])})",
                                       path=label)
-            out[kind] = open_checkpoint(value, f"{label}[{kind}]", kind)
+            out[kind] = open_checkpoint(value, f"{label}[{kind}]", kind, repo)
         return out
     raise BlockmergeError(f"expected a statistics store path or a mapping, got {type(source).__name__}", path=label)

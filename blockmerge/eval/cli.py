@@ -161,7 +161,7 @@ def _finish(result: dict[str, Any], json_out: str | None) -> None:
 
 
 @click.command("sweep")
-@click.option("--method", "-m", required=True, help="Registered method name (see `blockmerge methods`).")
+@click.option("--method", required=True, help="Registered method name (see `blockmerge methods`).")
 @click.option("--grid", "grids", multiple=True, required=True,
               help="NAME=START:STOP:STEP (inclusive), NAME=A,B,C or NAME=[...]; several give their product.")
 @_merge_options
@@ -172,7 +172,7 @@ def sweep_command(method: str, grids: tuple[str, ...], json_out: str | None, **f
 
 
 @click.command("search")
-@click.option("--method", "-m", default="fisher", show_default=True, help="A method with per-model `weights`.")
+@click.option("--method", default="fisher", show_default=True, help="A method with per-model `weights`.")
 @click.option("--num-samples", type=click.IntRange(min=1), help="Draws from Dirichlet(1, ..., 1).")
 @click.option("--grid-points", type=click.IntRange(min=2),
               help="Points per axis of a weight grid (default with two models: 51).")

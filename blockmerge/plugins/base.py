@@ -50,7 +50,8 @@ class Pass:
 
     `map` turns a block into a small partial result; `fold(accumulated, partial, block)` combines
     them in plan order (the first call gets None); `finish` turns the total into entries of the
-    state that later passes and the merge read.
+    state that later passes and the merge read. `map` may run in another process (the Dask executor):
+    its partial must be small and picklable, and `fold` may read only the block's name, rows and shape.
     """
 
     map: Callable[[Block, Any, dict], Any]

@@ -5,7 +5,8 @@ For an nn.Linear weight W_t [out, in] with input Gram G_t [in, in] (`gram_in`):
     G̃_t = α G_t + (1 − α) diag(G_t)                      (off-diagonals scaled by α, diagonal kept)
     W*  = ((Σ_t G̃_t)^{-1} Σ_t G̃_t W_tᵀ)ᵀ,   so   W*[rows] = (Σ_t W_t[rows] G̃_t) (Σ_t G̃_t)^{-1}
 
-The inverse is explicit (`torch.linalg.inv`, as MaTS / GIT-THETA). If the sum is singular, the
+The inverse is explicit (`torch.linalg.inv`, as MaTS / GIT-THETA); W_t G̃_t is computed as
+α W_t G_t + (1 − α) W_t diag(G_t), so no reduced copy of a Gram is made. If the sum is singular, the
 indices whose row sum is not 0 are kept, that sub-matrix is inverted and written into a copy of the
 sum: a feature that is dead in every model gives a 0 column of W*. Parameters without a Gram
 (biases, norms, embeddings) are averaged by the engine. Computation is in the block's dtype.
@@ -26,7 +27,7 @@ from ..errors import BlockmergeError
 from .base import Block, Method, docstring_summary
 
 ROW_CHUNK = 256
-_CACHE = "regmean.inverse"  # state entry: the reduced Grams and inverse of the parameter merged last
+_CACHE = "regmean.prepared"  # state entry: the Prepared of the parameter merged last
 
 
 @dataclass(frozen=True)
@@ -64,40 +65,53 @@ def inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def regmean_rows(models: list[torch.Tensor], reduced: list[torch.Tensor], inverse: torch.Tensor,
-                 first_row: int = 0) -> torch.Tensor:
+@dataclass
+class Prepared:
+    """What every row block of one weight shares: the Grams, their diagonals and the (fallback) inverse of
+    Σ_t G̃_t. The reduced Grams G̃_t are never formed: W G̃ = α W G + (1 − α) W diag(G)."""
+
+    grams: list[torch.Tensor]
+    diagonals: list[torch.Tensor]
+    alpha: float
+    inverse: torch.Tensor
+
+
+def prepare(grams: list[torch.Tensor], alpha: float) -> Prepared:
+    """The Grams' diagonals and the (fallback) inverse of Σ_t G̃_t, with one matrix of workspace."""
+    total = grams[0].clone()
+    for g in grams[1:]:
+        total += g
+    diagonal = total.diagonal().clone()
+    total.mul_(alpha).diagonal().copy_(diagonal)
+    return Prepared(grams, [g.diagonal().clone() for g in grams], alpha, inverse_with_fallback(total))
+
+
+def regmean_rows(models: list[torch.Tensor], prepared: Prepared, first_row: int = 0) -> torch.Tensor:
     """(Σ_t W_t G̃_t) (Σ_t G̃_t)^{-1} for rows first_row.. of the weights, in chunks aligned to ROW_CHUNK rows."""
     rows = models[0].shape[0]
     out = torch.empty_like(models[0])
     if rows == 0:
         return out
+    alpha = prepared.alpha
     chunk = models[0].new_zeros(ROW_CHUNK, models[0].shape[1])
     stop = first_row + rows
     for chunk_start in range(first_row - first_row % ROW_CHUNK, stop, ROW_CHUNK):
         lo, hi = max(chunk_start, first_row), min(chunk_start + ROW_CHUNK, stop)
         a, b = lo - chunk_start, hi - chunk_start
         numerator = None
-        for weight, gram in zip(models, reduced):
+        for weight, gram, diagonal in zip(models, prepared.grams, prepared.diagonals):
             chunk[a:b] = weight[lo - first_row:hi - first_row]
             product = chunk @ gram
+            if alpha != 1.0:
+                product.mul_(alpha).add_(chunk * diagonal, alpha=1.0 - alpha)
             numerator = product if numerator is None else numerator.add_(product)
-        out[lo - first_row:hi - first_row] = (numerator @ inverse)[a:b]
+        out[lo - first_row:hi - first_row] = (numerator @ prepared.inverse)[a:b]
     return out
-
-
-def prepare(grams: list[torch.Tensor], alpha: float) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The reduced Grams G̃_t and the (fallback) inverse of their sum."""
-    reduced = [reduce_off_diagonal(g, alpha) for g in grams]
-    total = reduced[0].clone()
-    for g in reduced[1:]:
-        total += g
-    return reduced, inverse_with_fallback(total)
 
 
 def regmean(models: list[torch.Tensor], grams: list[torch.Tensor], alpha: float, first_row: int = 0) -> torch.Tensor:
     """RegMean of weight rows W_t[first_row:first_row + rows] [rows, in] with whole Grams G_t [in, in]."""
-    reduced, inverse = prepare(grams, alpha)
-    return regmean_rows(models, reduced, inverse, first_row)
+    return regmean_rows(models, prepare(grams, alpha), first_row)
 
 
 def _merge(block: Block, hp: RegMean, state: dict) -> torch.Tensor:
@@ -105,12 +119,11 @@ def _merge(block: Block, hp: RegMean, state: dict) -> torch.Tensor:
     cached = state.get(_CACHE)
     if cached is None or cached[0] != block.name:
         try:
-            reduced, inverse = prepare(block.stats["gram_in"], hp.alpha)
+            cached = (block.name, prepare(block.stats["gram_in"], hp.alpha))
         except ValueError as err:
             raise BlockmergeError(f"regmean: {err}", param=block.name) from None
-        cached = (block.name, reduced, inverse)
         state[_CACHE] = cached
-    out = regmean_rows(block.models, cached[1], cached[2], block.start)
+    out = regmean_rows(block.models, cached[1], block.start)
     if block.stop >= block.shape[0]:
         state.pop(_CACHE, None)
     return out

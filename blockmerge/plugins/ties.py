@@ -12,6 +12,7 @@ statistics found by two streaming passes of a radix select over the float32 bit 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +22,7 @@ from .base import Block, Method, Pass, docstring_summary
 
 TOP_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit clear)
 LOW_BINS = 1 << 16
+SLICE = 1 << 17  # elements the passes take at a time: their temporaries stay in the cache and on the heap
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,24 @@ def _dense(counts, size: int) -> list[torch.Tensor]:
     return list(counts)
 
 
+def _slices(block: Block) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]]:
+    """The block's models, base and `trimmed` statistics (if given), flattened, SLICE elements at a time."""
+    base = block.base.reshape(-1)
+    models = [m.reshape(-1) for m in block.models]
+    given = [t.reshape(-1) for t in block.stats["trimmed"]] if "trimmed" in block.stats else None
+    for a in range(0, base.numel(), SLICE):
+        b = a + SLICE
+        yield [m[a:b] for m in models], base[a:b], None if given is None else [t[a:b] for t in given]
+
+
 def trim_passes(hp: Ties) -> list[Pass]:
     """The two radix-select passes that find each model's exact trim threshold (`state["threshold"]`)."""
     def top_counts(block: Block, hp: Ties, state: dict) -> torch.Tensor:
-        return torch.stack([torch.bincount((magnitude_bits(m - block.base) >> 16).flatten(), minlength=TOP_BINS).cpu()
-                            for m in block.models])
+        counts = torch.zeros(len(block.models), TOP_BINS, dtype=torch.int64, device=block.base.device)
+        for models, base, _ in _slices(block):
+            for row, m in zip(counts, models):
+                row += torch.bincount(magnitude_bits(m - base) >> 16, minlength=TOP_BINS)
+        return counts.cpu()
 
     def find_top(acc, hp: Ties, state: dict) -> dict:
         found = {}
@@ -115,12 +130,16 @@ def trim_passes(hp: Ties) -> list[Pass]:
         return {"top": found}
 
     def low_counts(block: Block, hp: Ties, state: dict) -> torch.Tensor:
-        rows = []
-        for m, top in zip(block.models, state["top"][_group(block, hp.trim)]):
-            bits = magnitude_bits(m - block.base).flatten()
-            low = bits[(bits >> 16) == top[0]] & 0xFFFF if top is not None else bits[:0]
-            rows.append(torch.bincount(low, minlength=LOW_BINS).cpu())
-        return torch.stack(rows)
+        counts = torch.zeros(len(block.models), LOW_BINS, dtype=torch.int64, device=block.base.device)
+        tops = state["top"][_group(block, hp.trim)]
+        for models, base, _ in _slices(block):
+            for row, m, top in zip(counts, models, tops):
+                if top is not None:
+                    # low 16 bits of the values in the top bin, shifted by one; every other value lands in
+                    # bin 0 or LOW_BINS + 1, which are dropped
+                    low = (magnitude_bits(m - base) - (top[0] << 16)).clamp_(-1, LOW_BINS) + 1
+                    row += torch.bincount(low, minlength=LOW_BINS + 2)[1:LOW_BINS + 1]
+        return counts.cpu()
 
     def find_threshold(acc, hp: Ties, state: dict) -> dict:
         thresholds = {}
@@ -139,21 +158,28 @@ def trim_passes(hp: Ties) -> list[Pass]:
             Pass(low_counts, _fold_counts(hp.trim), find_threshold)]
 
 
+def _trimmed(models: list[torch.Tensor], base: torch.Tensor, given: list[torch.Tensor] | None,
+             thresholds: list[float | None]) -> list[torch.Tensor]:
+    return given if given is not None else [trim(m - base, thr) for m, thr in zip(models, thresholds)]
+
+
 def trimmed_task_vectors(block: Block, hp: Ties, state: dict) -> list[torch.Tensor]:
     """τ̂_t of a block: the given `trimmed` statistics, or the task vectors cut at the found thresholds."""
-    if "trimmed" in block.stats:
-        return block.stats["trimmed"]
-    thresholds = state["threshold"][_group(block, hp.trim)]
-    return [trim(m - block.base, thr) for m, thr in zip(block.models, thresholds)]
+    thresholds = state["threshold"][_group(block, hp.trim)] if "trimmed" not in block.stats else []
+    return _trimmed(block.models, block.base, block.stats.get("trimmed"), thresholds)
 
 
 def _majority_pass(hp: Ties) -> Pass:
     def sign_sum(block: Block, hp: Ties, state: dict) -> int:
-        total = trimmed_task_vectors(block, hp, state)
-        s = total[0].clone()
-        for t in total[1:]:
-            s += t
-        return int(torch.sign(s).sum(dtype=torch.int64))
+        thresholds = state["threshold"][_group(block, hp.trim)] if "trimmed" not in block.stats else []
+        total = 0
+        for models, base, given in _slices(block):
+            trimmed = _trimmed(models, base, given, thresholds)
+            s = trimmed[0].clone()
+            for t in trimmed[1:]:
+                s += t
+            total += int(torch.sign(s).sum(dtype=torch.int64))
+        return total
 
     def fold(acc, partial, block):
         acc = acc if acc is not None else {}

@@ -63,6 +63,13 @@ class Statistics:
     tokens: int = 0          # encoder / input tokens (attention mask) counted
     target_tokens: int = 0   # decoder / target tokens that entered the loss (0 for classification)
     labels: str = "empirical"
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # terms of each tensor's sum (see `mean`)
+
+
+def mean(total: torch.Tensor, count: int) -> torch.Tensor:
+    """The statistic a sum accumulator over ``count`` terms stands for (examples for a Fisher, unmasked rows for
+    a Gram matrix), as a CPU tensor; shards' sums added together give the whole data's statistic."""
+    return (total / max(count, 1)).cpu()
 
 
 def select_parameters(model: nn.Module, parameters: str | None) -> dict[str, nn.Parameter]:
@@ -217,7 +224,7 @@ def _add(acc: dict[str, torch.Tensor], grads: Mapping[str, Any], weight: torch.T
 def _accumulate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, params: dict[str, nn.Parameter],
                 reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: Callable[[torch.Tensor], tuple],
                 stat: str, labels: str, seed: int, device: str | torch.device, progress: bool,
-                max_new_tokens: int, vectorize: bool) -> Statistics:
+                max_new_tokens: int, vectorize: bool, sums: bool) -> Statistics:
     kind = model_kind(model)
     check_label_mode(labels, kind)
     device = torch.device(device)
@@ -264,7 +271,8 @@ def _accumulate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
         model.train(was_training)
     if stats.examples == 0:
         raise BlockmergeError("no examples: the batches are empty")
-    stats.tensors[stat] = {name: (a / stats.examples).cpu() for name, a in acc.items()}
+    stats.counts[stat] = dict.fromkeys(acc, stats.examples)
+    stats.tensors[stat] = {name: a.cpu() if sums else mean(a, stats.examples) for name, a in acc.items()}
     return stats
 
 
@@ -277,23 +285,25 @@ def _num_classes(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str)
 
 def fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, labels: str = "empirical",
            seed: int = 0, device: str | torch.device = "cpu", progress: bool = False, parameters: str | None = None,
-           max_new_tokens: int = 64, vectorize: bool = True) -> Statistics:
+           max_new_tokens: int = 64, vectorize: bool = True, sums: bool = False) -> Statistics:
     """Diagonal Fisher ``(1/N) Σ_n g_n²`` of every selected parameter (METHODS.md §5.5; kind ``fisher``).
 
     ``batches`` are those of :func:`blockmerge.stats.data.batches`; ``labels`` is ``empirical``, ``sampled``
     (seeded per example by ``seed``; generative models sample at most ``max_new_tokens`` tokens) or ``exact``
     (classification only). ``parameters`` is a regex (full match) of the trainable parameters to include
     (default all). A NaN/Inf gradient raises :class:`BlockmergeError` naming the parameter and the example.
+    With ``sums`` the tensors are the sums ``Σ_n g_n²`` (see :func:`mean` and ``Statistics.counts``).
     """
     params = select_parameters(model, parameters)
     return _accumulate(model, batches, params=params, reduce=lambda g, w: torch.einsum("b...,b->...", g * g, w),
                        shape=lambda p: tuple(p.shape), stat="fisher", labels=labels, seed=seed, device=device,
-                       progress=progress, max_new_tokens=max_new_tokens, vectorize=vectorize)
+                       progress=progress, max_new_tokens=max_new_tokens, vectorize=vectorize, sums=sums)
 
 
 def blockwise_fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, parameters: str,
                      labels: str = "empirical", seed: int = 0, device: str | torch.device = "cpu",
-                     progress: bool = False, max_new_tokens: int = 64, vectorize: bool = True) -> Statistics:
+                     progress: bool = False, max_new_tokens: int = 64, vectorize: bool = True,
+                     sums: bool = False) -> Statistics:
     """Blockwise Fisher ``(1/N) Σ_n g_n g_nᵀ`` ``[n, n]`` of each vector parameter matching the regex
     ``parameters`` (IA³ scalings; MaTS ``compute_blockwiseFisher``, METHODS.md §5.5; kind ``blockwise_fisher``).
 
@@ -306,4 +316,5 @@ def blockwise_fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tens
                                   param=name)
     return _accumulate(model, batches, params=params, reduce=lambda g, w: torch.einsum("bi,bj,b->ij", g, g, w),
                        shape=lambda p: (p.shape[0], p.shape[0]), stat="blockwise_fisher", labels=labels, seed=seed,
-                       device=device, progress=progress, max_new_tokens=max_new_tokens, vectorize=vectorize)
+                       device=device, progress=progress, max_new_tokens=max_new_tokens, vectorize=vectorize,
+                       sums=sums)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import BlockmergeError
-from .fisher import Statistics
+from .fisher import Statistics, mean
 from .models import (
     check_class_labels,
     check_label_mode,
@@ -138,7 +138,7 @@ def gram(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, inp
          outputs: bool = False, labels: str = "empirical", seed: int = 0, device: str | torch.device = "cpu",
          progress: bool = False, max_memory: int | None = None, spill: Spill | None = None,
          modules: str | None = None, encoder_modules: str | None = None,
-         max_new_tokens: int = 64) -> Statistics:
+         max_new_tokens: int = 64, sums: bool = False) -> Statistics:
     """``gram_in`` (``inputs``) and/or ``gram_out`` (``outputs``) of every ``nn.Linear`` (see the module docstring).
 
     ``labels`` (``empirical`` or ``sampled``, seeded per example by ``seed``) picks the targets that the
@@ -149,6 +149,8 @@ def gram(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, inp
     once: the Linear layers are processed in groups that fit, one pass over the data per group (``batches``
     is then read once and kept, with any sampled labels). ``spill(kind, name, tensor)``, when given, receives
     every finished float32 CPU tensor, which is then dropped instead of returned in ``Statistics.tensors``.
+    With ``sums`` the tensors are the sums over rows, not divided by their count (see
+    :func:`blockmerge.stats.fisher.mean` and ``Statistics.counts``).
     """
     if not inputs and not outputs:
         raise BlockmergeError("gram: nothing to compute (inputs and outputs are both false)")
@@ -191,7 +193,8 @@ def gram(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, inp
             for u in group:
                 if u.calls == 0:  # the module never ran: no statistic, like a parameter without gradient
                     continue
-                tensor = (u.total / max(u.rows, 1)).cpu()
+                stats.counts.setdefault(u.kind, {})[u.key] = u.rows
+                tensor = u.total.cpu() if sums else mean(u.total, u.rows)
                 u.total = None
                 if spill is not None:
                     spill(u.kind, u.key, tensor)

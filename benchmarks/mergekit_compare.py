@@ -1,0 +1,596 @@
+"""blockmerge against mergekit and against the disk, on a locally built Llama-architecture family.
+
+Builds a base and three fine-tunes (base + N(0, 2e-3²) deltas) of a Llama config in bfloat16, as
+sharded Hugging Face directories (`--scale 1`: hidden 1024, 8 layers, 16 heads / 8 KV heads, MLP
+4096, vocab 32000, untied head, ~191M parameters; `--scale 4`: hidden 2048, 10 layers, MLP 8192,
+~4x the parameters). It measures the disk's floor for each merge (the inputs read once and the
+output written and fsynced, page cache cold and warm), then runs each merge in a fresh process,
+blockmerge (`blockmerge merge`) and mergekit (`mergekit-yaml`, from its own virtual environment)
+alternately, A B A B, and records wall time, peak RSS (`/usr/bin/time`'s maximum resident set, and a
+10 ms sampling of RssAnon/RssFile), bytes read and written. blockmerge's own figures (merge time
+without interpreter start-up, anonymous/file-backed peaks, bytes) come from the table
+`blockmerge merge` prints. Average and task arithmetic outputs of the two tools are compared
+element by element. Results: benchmarks/results/mergekit_compare.{md,json,png}.
+
+    python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit==0.1.5
+    python benchmarks/mergekit_compare.py --scales 1 4 --repeats 3 --mergekit /tmp/mkvenv/bin/mergekit-yaml
+
+Merges (blockmerge ↔ mergekit): average ↔ linear, task_arithmetic ↔ task_arithmetic, ties
+(density 0.2) ↔ ties (density 0.2), dare (drop_rate 0.9) ↔ dare_linear (density 0.1); every
+weight 1, mergekit's `dtype: float32` (blockmerge computes in float32) and `out_dtype: bfloat16`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MiB = 1024**2
+GB = 1e9
+INIT_STD = 0.02
+DELTA_STD = 2e-3
+NUM_MODELS = 3
+SHARD_BYTES = 200 * 10**6
+IO_CHUNK = 16 * MiB
+MAXRSS_PREFIX = "BENCH-MAXRSS "
+FAMILY_VERSION = 2
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+TOOLS = ("blockmerge", "mergekit")
+
+# blockmerge method -> (blockmerge --set flags, mergekit merge_method, mergekit per-model parameters, needs base)
+MERGES: dict[str, tuple[dict[str, Any], str, dict[str, Any], bool]] = {
+    "average": ({}, "linear", {"weight": 1.0}, False),
+    "task_arithmetic": ({"scaling_factor": 1.0}, "task_arithmetic", {"weight": 1.0}, True),
+    "ties": ({"density": 0.2, "scaling_factor": 1.0}, "ties", {"weight": 1.0, "density": 0.2}, True),
+    "dare": ({"drop_rate": 0.9, "scaling_factor": 1.0, "seed": 0}, "dare_linear", {"weight": 1.0, "density": 0.1},
+             True),
+}
+SCALES = {1: dict(hidden_size=1024, num_hidden_layers=8, intermediate_size=4096),
+          4: dict(hidden_size=2048, num_hidden_layers=10, intermediate_size=8192)}
+
+
+# --------------------------------------------------------------------------------------------- machine
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU, cores, RAM, kernel and library versions of this machine."""
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    ram = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal:"))
+    return {"cpu": cpu, "nproc": os.cpu_count(), "ram_bytes": ram, "kernel": platform.release(),
+            "python": platform.python_version(), "torch": torch.__version__, "blockmerge_commit": commit(),
+            "load_average_at_start": os.getloadavg()}
+
+
+def commit() -> str:
+    """HEAD of the repository, '+dirty' when blockmerge/ has uncommitted changes."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "blockmerge"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def can_drop_caches() -> bool:
+    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+# --------------------------------------------------------------------------------------------- model family
+
+
+def llama_config(scale: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048,
+                       tie_word_embeddings=False, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"],
+                       **SCALES[scale])
+
+
+def build_family(root: Path, scale: int) -> dict[str, Path]:
+    """base/ and m0..m2/ (Hugging Face directories, sharded bfloat16 safetensors); reused when complete."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = root / "family.json"
+    config = llama_config(scale)
+    identity = {"version": FAMILY_VERSION, "scale": scale, "init_std": INIT_STD, "delta_std": DELTA_STD,
+                "models": NUM_MODELS, "shard_bytes": SHARD_BYTES}
+    dirs = {"base": root / "base", **{f"m{t}": root / f"m{t}" for t in range(NUM_MODELS)}}
+    if stamp.is_file() and json.loads(stamp.read_text()) == identity:
+        return dirs
+    for d in dirs.values():
+        shutil.rmtree(d, ignore_errors=True)
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(scale)
+    shards: list[dict[str, list[torch.Tensor]]] = [{}]
+    size = 0
+    for name, shape in shapes.items():
+        base = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=generator) * INIT_STD
+        tensors = [base.to(torch.bfloat16)]
+        for _ in range(NUM_MODELS):
+            tensors.append((base + torch.randn(shape, generator=generator) * DELTA_STD).to(torch.bfloat16))
+        nbytes = tensors[0].numel() * 2
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors
+        size += nbytes
+    for i, d in enumerate(dirs.values()):
+        d.mkdir()
+        config.save_pretrained(d)
+        weight_map = {}
+        for s, shard in enumerate(shards):
+            file = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: ts[i] for n, ts in shard.items()}, d / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(ts[i].numel() * 2 for shard in shards for ts in shard.values())
+        (d / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    stamp.write_text(json.dumps(identity))
+    return dirs
+
+
+def weight_files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.safetensors"))
+
+
+def parameter_count(d: Path) -> int:
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    return index["metadata"]["total_size"] // 2
+
+
+# --------------------------------------------------------------------------------------------- disk floor
+
+
+def read_files(paths: list[Path]) -> tuple[int, float]:
+    """Bytes read sequentially and seconds taken."""
+    buffer = bytearray(IO_CHUNK)
+    view = memoryview(buffer)
+    total, start = 0, time.perf_counter()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            while n := os.readv(fd, [view]):
+                total += n
+        finally:
+            os.close(fd)
+    return total, time.perf_counter() - start
+
+
+def write_file(path: Path, nbytes: int) -> float:
+    """Seconds to write `nbytes` (non-zero data) and fsync them."""
+    chunk = os.urandom(IO_CHUNK)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        while done < nbytes:
+            done += os.write(fd, chunk[:min(IO_CHUNK, nbytes - done)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds
+
+
+def disk_floor(inputs: list[Path], out_bytes: int, scratch: Path, cold: bool, repeats: int) -> dict[str, float]:
+    """Median seconds to read `inputs` once and to write + fsync `out_bytes`, cold (caches dropped) and warm."""
+    floor: dict[str, float] = {}
+    read_files(inputs)
+    warm = [read_files(inputs)[1] for _ in range(repeats)]
+    floor["read_warm_s"] = statistics.median(warm)
+    if cold:
+        colds = []
+        for _ in range(repeats):
+            drop_caches()
+            colds.append(read_files(inputs)[1])
+        floor["read_cold_s"] = statistics.median(colds)
+    floor["write_s"] = statistics.median(write_file(scratch / "floor-write.bin", out_bytes) for _ in range(repeats))
+    floor["warm_s"] = floor["read_warm_s"] + floor["write_s"]
+    if cold:
+        floor["cold_s"] = floor["read_cold_s"] + floor["write_s"]
+    return floor
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    tool: str
+    method: str
+    scale: int
+    cache: str
+    wall_s: float
+    maxrss_bytes: int
+    sampled_anon_bytes: int
+    sampled_file_bytes: int
+    returncode: int
+    merge_s: float | None = None  # blockmerge's own time (no interpreter start-up)
+    anon_bytes: int | None = None  # blockmerge's own peaks, sampled after each block
+    file_bytes: int | None = None
+    read_bytes: int | None = None
+    written_bytes: int | None = None
+
+
+def sample_rss(pid: int, peaks: dict[str, int], stop: threading.Event) -> None:
+    """Peaks of RssAnon/RssFile of the child of `pid` (the merge under /usr/bin/time), every 10 ms."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    while not stop.is_set():
+        try:
+            child = children.read_text().split()
+            if not child:
+                stop.wait(0.01)
+                continue
+            for line in Path(f"/proc/{child[0]}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile"):
+                    peaks[key] = max(peaks.get(key, 0), int(value.split()[0]) * 1024)
+        except (OSError, ValueError):
+            pass
+        stop.wait(0.01)
+
+
+def run_child(argv: list[str]) -> tuple[float, int, dict[str, int], int, str]:
+    """Wall seconds, peak RSS (bytes), sampled RSS peaks, exit status and stderr+stdout of a fresh process.
+
+    The peak is the maximum resident set `/usr/bin/time` reports: the ru_maxrss this process would
+    see from wait4 also counts its own pages, which a forked child holds until it calls exec.
+    """
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"mergekit-compare-{os.getpid()}.log"
+    with open(log, "w+") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(["/usr/bin/time", "-f", f"{MAXRSS_PREFIX}%M", *argv], stdout=out,
+                                stderr=subprocess.STDOUT)
+        peaks: dict[str, int] = {}
+        stop = threading.Event()
+        sampler = threading.Thread(target=sample_rss, args=(proc.pid, peaks, stop), daemon=True)
+        sampler.start()
+        _, status = os.waitpid(proc.pid, 0)
+        wall = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    log.unlink()
+    maxrss = [int(line[len(MAXRSS_PREFIX):]) * 1024 for line in text.splitlines() if line.startswith(MAXRSS_PREFIX)]
+    return wall, maxrss[-1] if maxrss else 0, peaks, proc.returncode, text
+
+
+def parse_blockmerge_table(text: str) -> dict[str, float]:
+    """The row of the summary table `blockmerge merge` prints (time, anon/file MiB, read/written MiB)."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃|]", line) if c.strip()]
+        if len(cells) >= 7 and "/" in cells[3] and re.fullmatch(r"[0-9.]+", cells[1]):
+            anon, file = (float(x) for x in cells[3].split("/"))
+            return {"merge_s": float(cells[1]), "anon": anon * MiB, "file": file * MiB,
+                    "read": float(cells[5]) * MiB, "written": float(cells[6]) * MiB}
+    raise RuntimeError(f"no summary table in blockmerge's output:\n{text[-2000:]}")
+
+
+def blockmerge_argv(method: str, dirs: dict[str, Path], out: Path) -> list[str]:
+    sets, _, _, needs_base = MERGES[method]
+    argv = [sys.executable, "-m", "blockmerge", "merge", "--method", method, "--out", str(out), "--format", "hf",
+            "--overwrite"]
+    if needs_base:
+        argv += ["--base", str(dirs["base"])]
+    for t in range(NUM_MODELS):
+        argv += ["--model", str(dirs[f"m{t}"])]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v}"]
+    return argv
+
+
+def mergekit_config(method: str, dirs: dict[str, Path], path: Path) -> Path:
+    import yaml
+
+    _, mk_method, params, needs_base = MERGES[method]
+    config: dict[str, Any] = {
+        "merge_method": mk_method, "dtype": "float32", "out_dtype": "bfloat16",
+        "models": [{"model": str(dirs[f"m{t}"]), "parameters": dict(params)} for t in range(NUM_MODELS)],
+        "parameters": {"normalize": method == "average" or method == "ties"},
+    }
+    if needs_base:
+        config["base_model"] = str(dirs["base"])
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def one_run(tool: str, method: str, scale: int, dirs: dict[str, Path], out: Path, cache: str,
+            mergekit: str | None) -> Run:
+    inputs = [p for role, d in dirs.items() if role != "base" or MERGES[method][3] for p in weight_files(d)]
+    shutil.rmtree(out, ignore_errors=True)
+    if cache == "cold":
+        drop_caches()
+    else:
+        read_files(inputs)
+    if tool == "blockmerge":
+        argv = blockmerge_argv(method, dirs, out)
+    else:
+        cfg = mergekit_config(method, dirs, out.parent / f"{method}.yaml")
+        argv = [mergekit, str(cfg), str(out), "--no-copy-tokenizer", "--lazy-unpickle"]
+    wall, maxrss, peaks, rc, text = run_child(argv)
+    if rc != 0:
+        raise SystemExit(f"{tool} {method} failed ({rc}):\n{text[-3000:]}")
+    run = Run(tool, method, scale, cache, wall, maxrss, peaks.get("RssAnon", 0), peaks.get("RssFile", 0), rc)
+    if tool == "blockmerge":
+        own = parse_blockmerge_table(text)
+        run.merge_s, run.anon_bytes, run.file_bytes = own["merge_s"], int(own["anon"]), int(own["file"])
+        run.read_bytes, run.written_bytes = int(own["read"]), int(own["written"])
+    else:
+        run.read_bytes = sum(p.stat().st_size for p in inputs)
+        run.written_bytes = sum(p.stat().st_size for p in weight_files(out))
+    print(f"  {tool:10s} {method:16s} {cache:4s} wall {wall:6.2f} s  maxrss {maxrss / MiB:6.0f} MiB"
+          + (f"  merge {run.merge_s:.2f} s" if run.merge_s is not None else ""), flush=True)
+    return run
+
+
+def load_output(d: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    for p in weight_files(d):
+        tensors.update(load_file(p))
+    return tensors
+
+
+def agreement(a: Path, b: Path) -> dict[str, float]:
+    """Max |a - b| over every tensor, and the fraction of bfloat16 elements that differ."""
+    ta, tb = load_output(a), load_output(b)
+    if set(ta) != set(tb):
+        return {"max_abs_diff": float("nan"), "differing_fraction": float("nan"), "names_differ": True}
+    worst, differing, total = 0.0, 0, 0
+    for name in ta:
+        x, y = ta[name].float(), tb[name].float()
+        worst = max(worst, float((x - y).abs().max()))
+        differing += int((ta[name] != tb[name]).sum())
+        total += ta[name].numel()
+    return {"max_abs_diff": worst, "differing_fraction": differing / total}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def median(runs: list[Run], attr: str) -> float | None:
+    values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list[Run], floors: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    rows = []
+    keys = sorted({(r.scale, r.cache, r.method) for r in runs}, key=lambda k: (k[0], k[1], list(MERGES).index(k[2])))
+    for scale, cache, method in keys:
+        floor = floors[str(scale)][method].get(f"{cache}_s")
+        mk = [r for r in runs if (r.scale, r.cache, r.method, r.tool) == (scale, cache, method, "mergekit")]
+        for tool in TOOLS:
+            group = [r for r in runs if (r.scale, r.cache, r.method, r.tool) == (scale, cache, method, tool)]
+            if not group:
+                continue
+            wall = median(group, "wall_s")
+            row = {"scale": scale, "cache": cache, "method": method, "tool": tool, "runs": len(group),
+                   "wall_s": wall, "walls": [r.wall_s for r in group], "merge_s": median(group, "merge_s"),
+                   "maxrss_bytes": median(group, "maxrss_bytes"),
+                   "anon_bytes": median(group, "anon_bytes") or median(group, "sampled_anon_bytes"),
+                   "file_bytes": median(group, "file_bytes") or median(group, "sampled_file_bytes"),
+                   "sampled_anon_bytes": median(group, "sampled_anon_bytes"),
+                   "sampled_file_bytes": median(group, "sampled_file_bytes"),
+                   "read_bytes": median(group, "read_bytes"), "written_bytes": median(group, "written_bytes"),
+                   "floor_s": floor}
+            row["wall_over_floor"] = wall / floor if floor else None
+            row["merge_over_floor"] = row["merge_s"] / floor if floor and row["merge_s"] else None
+            if tool == "blockmerge" and mk:
+                row["time_vs_mergekit"] = wall / median(mk, "wall_s")
+                row["rss_vs_mergekit"] = row["maxrss_bytes"] / median(mk, "maxrss_bytes")
+            rows.append(row)
+    return rows
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def gb(nbytes: float | None) -> float | None:
+    return None if nbytes is None else nbytes / GB
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# blockmerge vs mergekit", "",
+        f"Machine: {m['cpu']}, {m['nproc']} cores, {m['ram_bytes'] / 2**30:.0f} GiB RAM, Linux {m['kernel']}, "
+        f"Python {m['python']}, torch {m['torch']}, blockmerge {m['blockmerge_commit']}, mergekit "
+        f"{result.get('mergekit_version') or 'not run'}; load average at start {m['load_average_at_start']}.", "",
+        f"Command: `{result['command']}`", "",
+        "Family: a Llama config (bfloat16, untied head), a base and 3 fine-tunes = base + N(0, 2e-3²), sharded "
+        "Hugging Face directories. " + "; ".join(
+            f"scale {s}: {v['parameters'] / 1e6:.0f}M params, {v['inputs_bytes'] / GB:.2f} GB of inputs with base"
+            for s, v in result["families"].items()) + ".", "",
+        "Disk floor = the merge's input files read once + its output bytes written and fsynced, measured on this "
+        "machine just before the runs: " + "; ".join(
+            f"scale {s} {meth}: warm {fl['warm_s']:.2f} s" + (f", cold {fl['cold_s']:.2f} s" if "cold_s" in fl else "")
+            for s, per in result["floors"].items() for meth, fl in per.items()) + ".", "",
+        "Each cell is the median of the runs; each run is a fresh process (`blockmerge merge` / `mergekit-yaml`), "
+        "tools alternated A B A B. *wall*: the whole process, interpreter and torch start-up included; *merge*: "
+        "blockmerge's own time (its summary). Peak RSS: the maximum resident set size `/usr/bin/time` "
+        "reports; anon / file: blockmerge's summary (sampled after each block) and, for mergekit, a 10 ms sampling "
+        "of RssAnon / RssFile (mergekit maps its inputs, so their page cache counts as its file-backed RSS).", "",
+        "| scale | cache | method | tool | wall s | merge s | peak RSS MiB | anon / file MiB | read GB | written GB "
+        "| wall ÷ floor | merge ÷ floor | time ÷ mergekit | RSS ÷ mergekit |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['scale']} | {r['cache']} | {r['method']} | {r['tool']} | {fmt(r['wall_s'], '.2f')} "
+            f"| {fmt(r['merge_s'], '.2f')} | {r['maxrss_bytes'] / MiB:.0f} "
+            f"| {r['anon_bytes'] / MiB:.0f} / {r['file_bytes'] / MiB:.0f} | {fmt(gb(r['read_bytes']), '.2f')} "
+            f"| {fmt(gb(r['written_bytes']), '.2f')} | {fmt(r['wall_over_floor'], '.1f')} "
+            f"| {fmt(r['merge_over_floor'], '.2f')} | {fmt(r.get('time_vs_mergekit'), '.2f')} "
+            f"| {fmt(r.get('rss_vs_mergekit'), '.2f')} |")
+    if result["agreement"]:
+        lines += ["", "Agreement of the two tools' outputs (bfloat16, every tensor):", ""]
+        for key, a in result["agreement"].items():
+            lines.append(f"- {key}: max |blockmerge − mergekit| = {a['max_abs_diff']:.3g}, "
+                         f"{100 * a['differing_fraction']:.4f} % of elements differ")
+    if result["targets"]:
+        lines += ["", "Targets:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in result["targets"]]
+    lines += ["", "Plot: `mergekit_compare.png`.", ""]
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    out = []
+    bm = [r for r in rows if r["tool"] == "blockmerge" and r["cache"] == "warm"]
+    for r in bm:
+        tag = f"scale {r['scale']} {r['method']}"
+        if r["method"] != "ties" and r["merge_over_floor"] is not None:
+            out.append((f"{tag}: merge time {r['merge_over_floor']:.2f}x the warm I/O floor (<= 1.5)",
+                        r["merge_over_floor"] <= 1.5))
+        if r.get("time_vs_mergekit") is not None:
+            need = 5.0 if r["method"] == "ties" else 2.0
+            out.append((f"{tag}: {1 / r['time_vs_mergekit']:.1f}x faster than mergekit (>= {need:g})",
+                        1 / r["time_vs_mergekit"] >= need))
+            out.append((f"{tag}: peak RSS {r['rss_vs_mergekit']:.2f} of mergekit's (<= 0.5)",
+                        r["rss_vs_mergekit"] <= 0.5))
+    scales = sorted({r["scale"] for r in bm})
+    if len(scales) > 1:
+        for method in MERGES:
+            small = [r for r in bm if r["method"] == method and r["scale"] == scales[0]]
+            large = [r for r in bm if r["method"] == method and r["scale"] == scales[-1]]
+            if small and large:
+                ratio = large[0]["maxrss_bytes"] / small[0]["maxrss_bytes"]
+                out.append((f"{method}: peak RSS at scale {scales[-1]} is {ratio:.2f}x that at scale {scales[0]} "
+                            "(within 20%)", abs(ratio - 1) <= 0.2))
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["cache"] == "warm"] or result["rows"]
+    labels = sorted({(r["scale"], r["method"]) for r in rows}, key=lambda k: (k[0], list(MERGES).index(k[1])))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.38
+    for i, tool in enumerate(TOOLS):
+        xs, walls, rss = [], [], []
+        for j, key in enumerate(labels):
+            r = next((r for r in rows if (r["scale"], r["method"], r["tool"]) == (*key, tool)), None)
+            if r:
+                xs.append(j + (i - 0.5) * width)
+                walls.append(r["wall_s"])
+                rss.append(r["maxrss_bytes"] / MiB)
+        ax_t.bar(xs, walls, width, label=tool)
+        ax_m.bar(xs, rss, width, label=tool)
+    floors = [result["floors"][str(s)][m]["warm_s"] for s, m in labels]
+    ax_t.scatter(range(len(labels)), floors, marker="_", s=400, color="black", zorder=3, label="I/O floor (warm)")
+    for ax, title in ((ax_t, "wall time, fresh process (s, median)"), (ax_m, "peak RSS (MiB, median)")):
+        ax.set_xticks(range(len(labels)), [f"{m}\nx{s}" for s, m in labels], fontsize=8)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    ax_t.set_yscale("log")
+    fig.suptitle(f"blockmerge vs mergekit, warm page cache ({result['machine']['nproc']} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scales", type=int, nargs="+", default=[1], choices=sorted(SCALES))
+    parser.add_argument("--methods", nargs="+", default=list(MERGES), choices=list(MERGES))
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each tool per merge and cache state")
+    parser.add_argument("--mergekit", help="path of mergekit-yaml (its own virtual environment); omit to skip")
+    parser.add_argument("--cache", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/blockmerge-mkcompare"))
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    args = parser.parse_args()
+
+    caches = [c for c in args.cache if c == "warm" or can_drop_caches()]
+    if caches != args.cache:
+        print("cannot drop the page cache here (needs root): warm runs only")
+    mergekit = args.mergekit
+    if mergekit and not Path(mergekit).is_file():
+        raise SystemExit(f"--mergekit {mergekit}: no such file")
+    mk_version = None
+    if mergekit:
+        pip = Path(mergekit).parent / "pip"
+        shown = subprocess.run([str(pip), "show", "mergekit"], capture_output=True, text=True).stdout
+        mk_version = next((line.split()[-1] for line in shown.splitlines() if line.startswith("Version:")), "unknown")
+    tools = [t for t in TOOLS if t == "blockmerge" or mergekit]
+    result: dict[str, Any] = {"machine": machine_description(), "mergekit_version": mk_version,
+                              "command": " ".join(["python", *sys.argv]), "families": {}, "floors": {}, "runs": [],
+                              "agreement": {}}
+    runs: list[Run] = []
+    for scale in args.scales:
+        root = args.workdir / f"x{scale}"
+        print(f"family x{scale}: building / checking {root}", flush=True)
+        dirs = build_family(root / "family", scale)
+        outs = root / "out"
+        outs.mkdir(parents=True, exist_ok=True)
+        with_base = [p for d in dirs.values() for p in weight_files(d)]
+        result["families"][str(scale)] = {"parameters": parameter_count(dirs["base"]),
+                                          "inputs_bytes": sum(p.stat().st_size for p in with_base)}
+        out_bytes = sum(p.stat().st_size for p in weight_files(dirs["base"]))
+        result["floors"][str(scale)] = {}
+        for method in args.methods:
+            inputs = [p for role, d in dirs.items() if role != "base" or MERGES[method][3] for p in weight_files(d)]
+            fl = disk_floor(inputs, out_bytes, outs, "cold" in caches, repeats=max(1, min(3, args.repeats)))
+            result["floors"][str(scale)][method] = fl
+            print(f"  floor {method}: {fl}", flush=True)
+        for cache in caches:
+            for method in args.methods:
+                for _ in range(args.repeats):
+                    for tool in tools:
+                        runs.append(one_run(tool, method, scale, dirs, outs / f"{tool}-{method}", cache, mergekit))
+        if mergekit:
+            for method in ("average", "task_arithmetic"):
+                if method in args.methods:
+                    a = agreement(outs / f"blockmerge-{method}", outs / f"mergekit-{method}")
+                    result["agreement"][f"scale {scale} {method}"] = a
+                    print(f"  agreement {method}: {a}", flush=True)
+    result["runs"] = [asdict(r) for r in runs]
+    result["rows"] = summarise(runs, result["floors"])
+    result["targets"] = targets(result["rows"])
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "mergekit_compare.json").write_text(json.dumps(result, indent=1))
+    report = markdown(result)
+    (args.results / "mergekit_compare.md").write_text(report)
+    plot(result, args.results / "mergekit_compare.png")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

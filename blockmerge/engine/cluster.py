@@ -1,0 +1,298 @@
+"""A merge run as tasks on Dask distributed, for when one machine is not enough.
+
+Workers reopen the inputs from their paths and write merged blocks straight into the output's work
+directory, so both must be on storage every worker sees; tasks return only checksums and small
+figures. A task is one tensor's blocks, read one ahead and merged in plan order on one worker: the
+inputs' checksums are per tensor, and memory per worker thread stays within two blocks. Store
+outputs take each block as whole chunks of a zarr array; safetensors outputs as a byte range of a
+file laid out in advance: either way the writes of different tasks never overlap. The client
+journals each block as its task finishes, folds the method's passes in plan order, reads every
+block back to check it against its worker's sha256, and seals the output.
+
+A worker that dies is replaced and its tasks rerun by Dask; a rerun writes the same bytes again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import BlockmergeError
+from ..plugins import Block
+from . import memory
+from .output import Output
+from .plan import BlockRef
+from .run import Job, Layout, _Engine, _map_blocks, _sample_memory, _write_blocks
+from .sinks import SafetensorsSink, Sink
+from .sources import Checkpoint, open_checkpoint
+from .tensors import TensorSpec, tensor_bytes
+
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster
+
+SCHEDULER_ENV = "BLOCKMERGE_DASK_SCHEDULER"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reopen:
+    """How a worker opens an input again: its path, the kind of tensors read, and what it must find there."""
+
+    path: str
+    kind: str
+    label: str
+    stamp: tuple[tuple[int, int], ...]
+    specs: dict[str, TensorSpec]
+
+    def open(self) -> Checkpoint:
+        ckpt = open_checkpoint(self.path, self.label, self.kind)
+        if _stamp(ckpt) != self.stamp or ckpt.specs != self.specs:
+            raise BlockmergeError("differs from the file the client opened (changed during the merge, or not on "
+                                  "storage every worker sees)", path=self.path)
+        ckpt.label = self.label
+        return ckpt
+
+
+def _stamp(ckpt: Checkpoint) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted((os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in ckpt.paths()))
+
+
+def _reopen(ckpt: Checkpoint, kind: str) -> _Reopen:
+    path = os.path.abspath(ckpt.label)
+    if not ckpt.paths() or not os.path.exists(path):
+        raise BlockmergeError("not a file: the dask executor reads inputs from files every worker sees "
+                              "(not from memory or a git repository)", path=ckpt.label)
+    return _Reopen(path, kind, ckpt.label, _stamp(ckpt), ckpt.specs)
+
+
+def _each_input(job: Job, fn: Callable[[Any, str], Any]) -> Job:
+    """The job with `fn(input, kind)` in place of every model, base and statistic."""
+    return dataclasses.replace(
+        job, models=[fn(m, "param") for m in job.models], base=fn(job.base, "param") if job.base else None,
+        stats=[{k: fn(c, k) for k, c in s.items()} for s in job.stats],
+        base_stats={k: fn(c, k) for k, c in job.base_stats.items()}, progress=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """What every task of one merge is given: the job with its inputs as paths, and the layout."""
+
+    token: str
+    version: str
+    job: Job
+    layout: Layout
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+_opened: dict[str, Job] = {}
+_opened_lock = threading.Lock()
+
+
+def _worker_engine(spec: _Spec) -> _Engine:
+    """An engine over this merge's inputs, opened once per worker process."""
+    with _opened_lock:
+        if spec.token not in _opened:
+            if spec.version != __version__:
+                raise BlockmergeError(f"this worker runs blockmerge {__version__}, the client {spec.version}")
+            memory.return_freed_blocks_to_the_os()
+            _opened.clear()
+            _opened[spec.token] = _each_input(spec.job, lambda r, kind: r.open())
+    return _Engine(_opened[spec.token], spec.layout)
+
+
+def _pass_task(spec: _Spec, refs: list[BlockRef], index: int, state: dict) -> tuple[list, int]:
+    engine = _worker_engine(spec)
+    partials = [partial for _, partial in _map_blocks(engine, refs, index, state, "")]
+    return partials, engine.summary.bytes_read
+
+
+def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reopen_sink: Callable[[], Sink],
+                stop_event: str) -> dict:
+    from distributed import Event
+
+    engine = _worker_engine(spec)
+    engine.input_hashes = {}
+    stop = Event(stop_event)
+    blocks = []
+    sink = reopen_sink()
+    try:
+        for ref, data, kept in _write_blocks(engine, refs, sink, state, done):
+            blocks.append((ref, hashlib.sha256(data).hexdigest(), kept, len(data)))
+            if stop.is_set():
+                raise BlockmergeError("stopped: another task of this merge failed")
+    finally:
+        if isinstance(sink, SafetensorsSink):
+            for writer in sink.writers.values():
+                writer.close()  # fsync: the client may be on another machine
+    return {"blocks": blocks, "inputs": {k: h.hexdigest() for k, h in engine.input_hashes.items()},
+            "reports": engine.summary.reports, "bytes_read": engine.summary.bytes_read}
+
+
+# ---------------------------------------------------------------------------------------------- client side
+
+def connect(scheduler: str | None, progress: bool = False) -> tuple[Client, LocalCluster | None]:
+    """A client of the Dask scheduler at `scheduler` (or $BLOCKMERGE_DASK_SCHEDULER), else of a new LocalCluster
+    of one single-threaded worker process per core (returned too, for `disconnect`); it has at least one worker."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    address = scheduler or os.environ.get(SCHEDULER_ENV) or None
+    cluster = None
+    if address is None:
+        workers = len(os.sched_getaffinity(0))
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)
+        address = cluster.scheduler_address
+    timeout = dask.config.get("distributed.comm.timeouts.connect")
+    try:
+        client = Client(address, set_as_default=False, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as err:
+        disconnect(None, cluster)
+        raise BlockmergeError(f"cannot reach the Dask scheduler at {address} "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        disconnect(client, cluster)
+        raise BlockmergeError(f"the Dask scheduler at {address} has no workers (start some: "
+                              f"dask worker {address})") from None
+    if progress:
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+    return client, cluster
+
+
+def disconnect(client: Client | None, cluster: LocalCluster | None) -> None:
+    """Close what `connect` opened."""
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+class DaskExecutor:
+    """Runs merges on a Dask cluster: the one at `scheduler` (or $BLOCKMERGE_DASK_SCHEDULER), else a
+    LocalCluster of one single-threaded worker process per core. Use it as a context manager."""
+
+    def __init__(self, job: Job, scheduler: str | None = None):
+        self.job = _each_input(job, _reopen)  # before connecting: in-memory inputs fail at once
+        self.client, self.cluster = connect(scheduler, job.progress)
+
+    def __enter__(self) -> DaskExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        disconnect(self.client, self.cluster)
+
+    def _spec(self, engine: _Engine) -> _Spec:
+        return _Spec(uuid.uuid4().hex, __version__, self.job, engine.layout)
+
+    def map_blocks(self, engine: _Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+                   ) -> Iterator[tuple[Block, Any]]:
+        """Each block (its name, rows and shape; no tensors) and its partial result of pass `index`, in plan order."""
+        spec = self._spec(engine)
+        groups = _by_tensor(refs)
+        futures = [self.client.submit(_pass_task, spec, g, index, state, pure=False) for g in groups]
+        bar = _bar(engine, refs, desc)
+        try:
+            for group, future in zip(groups, futures):
+                partials, bytes_read = task_result(future)
+                engine.summary.bytes_read += bytes_read
+                bar.update(_input_bytes(engine, group))
+                for ref, partial in zip(group, partials):
+                    yield Block(ref.name, ref.start, ref.stop, engine.layout.specs[ref.name].shape, []), partial
+        finally:
+            bar.close()
+            self.client.cancel(futures)
+
+    def merge_pass(self, engine: _Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink],
+                   state: dict, output: Output) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+        """Blocks merged and written by the workers, journaled as they finish; checksums of outputs and inputs."""
+        from distributed import Event, as_completed
+
+        spec = self._spec(engine)
+        stop = f"blockmerge-stop-{spec.token}"
+        groups = _by_tensor(refs)
+        futures = [self.client.submit(_merge_task, spec, g, state,
+                                      {k: v for k, v in output.done.items() if k[0] == g[0].name}, reopen_sink, stop,
+                                      pure=False) for g in groups]
+        position = {f.key: i for i, f in enumerate(futures)}
+        results: dict[int, dict] = {}
+        bar = _bar(engine, refs, engine.job.method.name)
+        try:
+            for future in as_completed(futures, loop=self.client.loop):
+                result = task_result(future)
+                for ref, digest, kept, _ in result["blocks"]:
+                    if not kept:
+                        output.record(ref.name, ref.start, ref.stop, digest)
+                i = position[future.key]
+                results[i] = result
+                bar.update(_input_bytes(engine, groups[i]))
+                _sample_memory(engine)
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort: the scheduler may be what failed
+                Event(stop, client=self.client).set()
+                self.client.gather(futures, errors="skip")  # no task writes once the work directory is removed
+            raise
+        finally:
+            bar.close()
+        return _verify(engine, groups, results, sink)
+
+
+def _verify(engine: _Engine, groups: list[list[BlockRef]], results: dict[int, dict], sink: Sink
+            ) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+    """Every block read back and checked against its worker's sha256; the summary filled in plan order."""
+    summary = engine.summary
+    out_hashes: dict[str, Any] = {}
+    inputs: dict[tuple[int, str], str] = {}
+    for i in range(len(groups)):
+        result = results[i]
+        for ref, digest, kept, nbytes in result["blocks"]:
+            data = tensor_bytes(sink.read(ref.name, ref.start, ref.stop).contiguous())
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise BlockmergeError(f"rows {ref.start}:{ref.stop} as stored differ from what the worker wrote "
+                                      "(is the output on storage every worker sees?)", param=ref.name)
+            out_hashes.setdefault(ref.name, hashlib.sha256()).update(data)
+            summary.blocks_resumed += kept
+            summary.bytes_written += 0 if kept else nbytes
+        for name, reports in result["reports"].items():
+            summary.reports.setdefault(name, []).extend(reports)
+        inputs.update(result["inputs"])
+        summary.bytes_read += result["bytes_read"]
+    return {n: h.hexdigest() for n, h in out_hashes.items()}, inputs
+
+
+def _by_tensor(refs: list[BlockRef]) -> list[list[BlockRef]]:
+    return [list(g) for _, g in itertools.groupby(refs, key=lambda r: r.name)]
+
+
+def _input_bytes(engine: _Engine, refs: list[BlockRef]) -> int:
+    return sum(engine.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
+
+
+def _bar(engine: _Engine, refs: list[BlockRef], desc: str) -> tqdm:
+    return tqdm(total=_input_bytes(engine, refs), desc=desc, unit="B", unit_scale=True,
+                disable=not engine.job.progress, leave=False)
+
+
+def task_result(future: Any, work: str = "this merge") -> Any:
+    """A task's result; a worker that died on it too often is one line."""
+    from distributed import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker as err:
+        raise BlockmergeError(f"Dask workers died running a task of {work} ({err}); "
+                              "see the workers' logs (out of memory?)") from None

@@ -1,0 +1,111 @@
+"""Checkpoints and statistics tracked with git-theta, read at any revision without a checkout.
+
+`REV:PATH` names a tracked file at a revision (`main:model.safetensors`, `HEAD~2:stats/fisher.safetensors`);
+PATH is relative to the repository root. Each parameter is read from its LFS object when first asked for
+(a git-theta parameter is the smallest readable block), and only the last one read is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import PurePosixPath
+
+import numpy as np
+import torch
+
+from ..engine.sources import Checkpoint
+from ..engine.tensors import TensorSpec, from_numpy
+from ..errors import BlockmergeError
+from . import metadata
+from .parameters import decode
+from .repo import Repo
+
+
+class TrackedCheckpoint(Checkpoint):
+    """The tensors a git-theta metadata file describes, read lazily from the repository's LFS objects."""
+
+    def __init__(self, repo: Repo, data: bytes, label: str):
+        self.repo = repo
+        self.label = label
+        self.entries = metadata.parse(data, label)
+        self.specs = {n: TensorSpec(e.shape, e.dtype) for n, e in sorted(self.entries.items())
+                      if n != metadata.HEADER_NAME}
+        for name, entry in self.entries.items():
+            if entry.update_type != "dense":
+                raise BlockmergeError(f"git-theta update type {entry.update_type!r} is not supported (only "
+                                      "dense parameters are read)", path=label, param=name)
+        self._lock = threading.Lock()
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor `name`, decoded from its LFS object."""
+        with self._lock:
+            if self._cached is not None and self._cached[0] == name:
+                return self._cached[1]
+            tensor = from_numpy(np.asarray(self.array(name), order="C"))
+            self._cached = (name, tensor)
+            return tensor
+
+    def array(self, name: str) -> np.ndarray:
+        """The stored array of `name`, in the tensor's dtype (halves viewed back from their bits)."""
+        entry = self.entries[name]
+        data = self.repo.read_lfs(entry.oid, entry.size, self.label, name)
+        array = decode(data, self.label, name)
+        if tuple(array.shape) != entry.shape or array.dtype.name != entry.stored_dtype:
+            raise BlockmergeError(f"LFS object holds {array.dtype.name} {list(array.shape)}, metadata says "
+                                  f"{entry.stored_dtype} {list(entry.shape)}", path=self.label, param=name)
+        if entry.dtype != entry.stored_dtype:
+            import ml_dtypes
+
+            array = array.view(ml_dtypes.bfloat16 if entry.dtype == "bfloat16" else np.float16)
+        return array
+
+    def header(self) -> dict[str, str]:
+        """The safetensors header metadata stored with the checkpoint (empty when none was)."""
+        if metadata.HEADER_NAME not in self.entries:
+            return {}
+        raw = self.array(metadata.HEADER_NAME).tobytes()
+        try:
+            header = json.loads(raw)
+        except ValueError as err:
+            raise BlockmergeError(f"corrupt stored safetensors header ({err})", path=self.label) from None
+        return header if isinstance(header, dict) else {}
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        tensor = self.tensor(name)
+        return tensor[start:stop] if tensor.dim() else tensor
+
+
+class RevisionCheckpoint(TrackedCheckpoint):
+    """A tracked file at a revision: `rev:path`, with the commit and blob it resolved to."""
+
+    def __init__(self, repo: Repo, rev: str, path: str):
+        self.rev, self.path = rev, path
+        self.commit = repo.commit_of(rev)
+        blob = repo.blob_of(self.commit, path)
+        if blob is None:
+            raise BlockmergeError(f"no such file at revision {rev} ({self.commit[:12]})", path=f"{rev}:{path}")
+        self.blob = blob
+        super().__init__(repo, repo.blob(blob), f"{rev}:{path}")
+
+
+def split_revision(spec: str) -> tuple[str, str] | None:
+    """(rev, path) of a `REV:PATH` string, or None when it is not one."""
+    rev, sep, path = spec.partition(":")
+    if not sep or not rev or not path:
+        return None
+    return rev, path.removeprefix("/")
+
+
+def open_revision(spec: str, repo: str | None) -> RevisionCheckpoint:
+    """The checkpoint `REV:PATH` in the repository holding `repo` (default: the current directory)."""
+    parts = split_revision(spec)
+    if parts is None:
+        raise BlockmergeError("expected REV:PATH (a revision and a path from the repository root)", path=spec)
+    return RevisionCheckpoint(Repo(repo or "."), *parts)
+
+
+def statistics_path(checkpoint_path: str, kind: str) -> str:
+    """Where the statistic `kind` of a tracked checkpoint lives: `<kind>.safetensors` in its directory."""
+    return str(PurePosixPath(checkpoint_path).parent / f"{kind}.safetensors").removeprefix("./")

@@ -1,0 +1,87 @@
+"""Statistics as one `.safetensors` file per kind: parameter names as keys, provenance in the header.
+
+Unlike a store (a directory), such a file can be tracked with `git theta track` next to its model, so a
+merge names the statistics at the same revision as the model. The kind is recorded in the header
+(`blockmerge_statistic`); a file without one is named after its kind (`fisher.safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+from ..engine.output import Output
+from ..engine.safetensors_io import SafetensorsFile, SafetensorsWriter
+from ..engine.sources import Checkpoint, SafetensorsCheckpoint
+from ..engine.store import KINDS, StoreReader
+from ..errors import BlockmergeError
+
+KIND_KEY = "blockmerge_statistic"
+STATISTIC_KINDS = tuple(k for k in KINDS if k != "param")
+
+
+def statistics_kind(header: dict[str, str], path: str) -> str:
+    """The statistic kind of a file, from its header or else its name."""
+    kind = header.get(KIND_KEY) or PurePosixPath(path).name.removesuffix(".safetensors")
+    if kind not in STATISTIC_KINDS:
+        raise BlockmergeError(f"cannot tell which statistic this file holds (no {KIND_KEY!r} in its header and "
+                              f"its name is not one of {', '.join(f'{k}.safetensors' for k in STATISTIC_KINDS)})",
+                              path=path)
+    return kind
+
+
+def open_statistics_file(source: str | os.PathLike, repo: str | os.PathLike | None = None) -> dict[str, Checkpoint]:
+    """{kind: checkpoint} of a statistics `.safetensors` file, on disk or `REV:PATH` in a git-theta repository."""
+    path = Path(source)
+    if not path.exists() and isinstance(source, str) and ":" in source:
+        from .revision import open_revision
+
+        ckpt = open_revision(source, repo)
+        return {statistics_kind(ckpt.header(), ckpt.path): ckpt}
+    header = SafetensorsFile(path).metadata
+    return {statistics_kind(header, str(path)): SafetensorsCheckpoint(path)}
+
+
+def write_statistics_file(store: Path, out: Path, *, overwrite: bool = False) -> Path:
+    """Copy the one statistic kind of a store into a `.safetensors` file (atomically), its metadata in the header."""
+    kinds = sorted(StoreReader(store).kinds() - {"param"})
+    if len(kinds) != 1:
+        raise BlockmergeError(f"a .safetensors statistics file holds one kind, this computation gave "
+                              f"{', '.join(kinds) or 'none'} (write a store: --out DIR)", path=out)
+    reader = StoreReader(store, kinds[0])
+    header = {"format": "pt", KIND_KEY: kinds[0], "blockmerge": json.dumps(reader.metadata, sort_keys=True)}
+    specs = {name: entry.spec for name, entry in reader.entries.items()}
+    output = Output(out, {"statistics_file": uuid.uuid4().hex}, resume=False, overwrite=overwrite)
+    try:
+        writer = SafetensorsWriter(output.payload, specs, header)
+        for name, spec in sorted(specs.items()):
+            writer.write(name, 0, reader.read(name, 0, spec.rows))
+        writer.close()
+        output.commit()
+    except BaseException:
+        output.abort()
+        raise
+    return output.out
+
+
+@contextmanager
+def statistics_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
+    """Where a statistics computation writes its store: `out` itself, or for a `.safetensors` out a temporary
+    store converted into that file when the computation succeeds."""
+    if not out.endswith(".safetensors"):
+        yield out
+        return
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise BlockmergeError("output already exists (pass --overwrite to replace it)", path=target)
+    if not target.parent.is_dir():
+        raise BlockmergeError("output directory does not exist", path=target.parent)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        store = Path(tmp) / "statistics"
+        yield str(store)
+        write_statistics_file(store, target, overwrite=overwrite)
