@@ -64,7 +64,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1000)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, rows = build(args.hidden, args.layers, args.vocab, args.seq_len, args.examples, seed=0)
     params = sum(p.numel() for p in model.parameters())
     timings, reference = {}, None

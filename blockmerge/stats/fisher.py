@@ -196,10 +196,17 @@ class _Gradients:
         return self._loop(batch)
 
 
+def _weighted_square_sum(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ_b w_b g_b², squaring the per-example gradients ``g`` in place."""
+    return (weight @ g.reshape(g.shape[0], -1).square_()).reshape(g.shape[1:])
+
+
 def _add(acc: dict[str, torch.Tensor], grads: Mapping[str, Any], weight: torch.Tensor,
          reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: Mapping[str, torch.Tensor],
          note: str = "") -> None:
-    """Add each parameter's reduced batch to its accumulator; a NaN/Inf names the parameter and the example."""
+    """Add each parameter's reduced batch to its accumulator; a NaN/Inf names the parameter and the example
+    (``reduce`` may overwrite the gradients with values that are finite where they were, e.g. their squares;
+    a gradient whose square overflows float32 counts as non-finite)."""
     for name, a in acc.items():
         g, rows = grads[name], None
         if isinstance(g, _EmbeddingGradient):
@@ -295,7 +302,7 @@ def fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, l
     With ``sums`` the tensors are the sums ``Σ_n g_n²`` (see :func:`mean` and ``Statistics.counts``).
     """
     params = select_parameters(model, parameters)
-    return _accumulate(model, batches, params=params, reduce=lambda g, w: torch.einsum("b...,b->...", g * g, w),
+    return _accumulate(model, batches, params=params, reduce=_weighted_square_sum,
                        shape=lambda p: tuple(p.shape), stat="fisher", labels=labels, seed=seed, device=device,
                        progress=progress, max_new_tokens=max_new_tokens, vectorize=vectorize, sums=sums)
 
