@@ -285,6 +285,8 @@ class _Engine:
 
     def read(self, ref: BlockRef) -> _Raw:
         job = self.job
+        if ref.name != self.whole_name:  # the Grams kept for the previous parameter's row blocks go
+            self.whole_name, self.whole_stats, self.fresh = ref.name, {}, set()
         models, with_base = self._inputs(ref)
         rows = (ref.start, ref.stop)
         raw_models = [self._read(job.models[t], t, ref.name, *rows) for t in models]
@@ -307,9 +309,7 @@ class _Engine:
         read once per parameter and kept for its next row blocks."""
         if STAT_SHAPES[kind] is None:
             return self._read(ckpt, -1, ref.name, ref.start, ref.stop)
-        if self.whole_name != ref.name:
-            self.whole_name, self.whole_stats, self.fresh = ref.name, {}, set()
-        elif key in self.whole_stats:
+        if key in self.whole_stats:
             self.fresh.discard(key)
             return self.whole_stats[key]
         self.whole_stats[key] = self._read(ckpt, -1, ref.name, 0, ckpt.specs[ref.name].rows)
