@@ -28,7 +28,6 @@ task with a label column only, ``exact_match`` for one with a target column.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -36,10 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import BlockmergeError
-from ..stats.data import TaskSpec, load_task
+from ..stats.data import TaskSpec, load_task, read_task_file
 from .metrics import CLASSIFICATION_METRICS, METRICS
 
 COLUMN_KEYS = ("text_column", "text_pair_column", "label_column", "target_column", "max_length")
@@ -66,13 +63,7 @@ class Task:
     def from_file(cls, path: str | os.PathLike) -> Task:
         """Read a task file (YAML, or JSON by its extension)."""
         path = Path(path)
-        if not path.is_file():
-            raise BlockmergeError("task file not found", path=path)
-        try:
-            text = path.read_text()
-            raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as err:
-            raise BlockmergeError(f"cannot read task file: {' '.join(str(err).split())}", path=path) from None
+        raw = read_task_file(path)
         return cls.from_dict(raw, base=path.parent, name=path.stem, source=str(path))
 
     @classmethod

@@ -57,6 +57,17 @@ _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
 _SPLIT = re.compile(r"^\s*([^\[\]\s]+)\s*(?:\[\s*([+-]?\d+%?)?\s*:\s*([+-]?\d+%?)?\s*\])?\s*$")
 
 
+def read_task_file(path: Path) -> Any:
+    """The parsed content of a task file: YAML, or JSON by its extension."""
+    if not path.is_file():
+        raise BlockmergeError("task file not found", path=path)
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise BlockmergeError(f"cannot read task file: {' '.join(str(e).split())}", path=path) from None
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Where a task's examples are and which columns to read (see the module docstring)."""
@@ -77,13 +88,7 @@ class TaskSpec:
     def from_file(cls, path: str | os.PathLike) -> TaskSpec:
         """Read a task from a YAML or JSON file; a relative ``data`` is taken relative to the file."""
         path = Path(path)
-        if not path.is_file():
-            raise BlockmergeError("task file not found", path=path)
-        try:
-            text = path.read_text()
-            raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise BlockmergeError(f"cannot read task file: {' '.join(str(e).split())}", path=path) from e
+        raw = read_task_file(path)
         if not isinstance(raw, dict):
             raise BlockmergeError("a task file must be a mapping of TaskSpec fields", path=path)
         known = {f.name for f in fields(cls)}
