@@ -273,5 +273,6 @@ def merge_in_child(method: str, models: list[str], out: Path, options: dict) -> 
     spec = json.dumps({"method": method, "models": models, "out": str(out), "options": options})
     proc = subprocess.run([sys.executable, str(MERGE_CHILD), spec], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise BlockmergeError(f"{method}: merge failed: {proc.stderr.strip().splitlines()[-1:]}", path=out)
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise BlockmergeError(f"{method}: merge failed: {last}", path=out)
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -120,7 +120,10 @@ def markdown(raw: dict, table: list[dict], command: str) -> str:
         f"commit {machine['commit']}; load average {machine['load_average_start'][0]:.1f} at the start, "
         f"{machine['load_average_end'][0]:.1f} at the end ({timing['jobs']} worker processes × "
         f"{timing['threads']} thread).", "",
-        f"Wall time {timing['wall_seconds'] / 60:.1f} min ({stages}); CPU time {timing['cpu_seconds'] / 60:.1f} min.",
+        f"Wall time {timing['wall_seconds'] / 60:.1f} min ({stages}); CPU time of all processes "
+        f"{timing['cpu_seconds'] / 60:.1f} min" + (f"; {timing['reused']} of {timing['records']} products were "
+                                                  "reused from an earlier run, their time is not included."
+                                                  if timing.get("reused") else "."),
         "", markdown_table(table, settings["tasks"]), "",
         *(f"- {note}" for note in NOTES), "",
         "Sweeps (validation):", "", candidates_table(table), "",
@@ -143,7 +146,10 @@ def plot(table: list[dict], path: Path) -> None:
         values = list(row["average"].values())
         ax.plot([i] * len(values), values, "k.", markersize=4)
     ax.axhline(means[0][0], color="#4c72b0", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(names)), [n.replace(" + ", "\n+ ").replace("_", "\n") for n in names], fontsize=8)
+    for i, (mean, _) in enumerate(means):
+        ax.text(i, 0.02, f"{mean:.3f}", ha="center", fontsize=8, color="white")
+    labels = {INDIVIDUAL: "individual\nmodels", BASE: "base encoder\n+ task heads"}
+    ax.set_xticks(range(len(names)), [labels.get(n, n.replace("_", "\n")) for n in names], fontsize=8)
     ax.set_ylabel("average test accuracy (4 tasks)")
     ax.set_ylim(0, 1)
     ax.set_title(f"Merging 4 fine-tuned MiniLM encoders (mean ± std over {len(table[0]['average'])} seeds)")

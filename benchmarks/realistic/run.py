@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[2]
 STATISTICS = ("fisher", "gram")
+RECORDS = ("data.json", "models/*.json", "stats/*.json", "merges/*.json")  # one per product, see pipeline.cached
 
 
 def _init_worker(threads: int) -> None:
@@ -100,7 +101,7 @@ def run(work: str | os.PathLike, seeds: list[int], settings: Any, *, jobs: int =
 
     work = Path(work).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    start, load = time.perf_counter(), os.getloadavg()
+    start, started, load = time.perf_counter(), time.time(), os.getloadavg()
     stages = {}
     runner = Runner(jobs, threads)
     try:
@@ -123,6 +124,8 @@ def run(work: str | os.PathLike, seeds: list[int], settings: Any, *, jobs: int =
         stages["merge"] = time.perf_counter() - clock
     finally:
         runner.close()
+    records = [p for seed in seeds for pattern in RECORDS for p in (work / f"seed{seed}").glob(pattern)]
+    reused = sum(1 for p in records if p.stat().st_mtime < started)
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
     tasks = list(settings.tasks)
@@ -137,7 +140,7 @@ def run(work: str | os.PathLike, seeds: list[int], settings: Any, *, jobs: int =
             "methods": {m: dataclasses.asdict(v) for m, v in settings.methods().items()},
             "timing": {"wall_seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu, 1),
                        "stages_wall_seconds": {k: round(v, 1) for k, v in stages.items()},
-                       "jobs": jobs, "threads": threads},
+                       "jobs": jobs, "threads": threads, "records": len(records), "reused": reused},
             "machine": machine(load, os.getloadavg())}
 
 
