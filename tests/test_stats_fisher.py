@@ -189,3 +189,17 @@ def test_embedding_gradient_kept_per_token_equals_dense(tmp_path):
     stats = fisher(untied, batches(ds, tok, spec, "causal_lm", 6))
     assert_close(stats.tensors["fisher"], reference_fisher(untied, list(batches(ds, tok, spec, "causal_lm", 1)),
                                                            "causal_lm"))
+
+
+def test_a_partial_selection_keeps_no_autograd_graph(tmp_path):
+    """Parameters left out still require grad: the statistic must be plain values, equal to the full run's."""
+    ds, tok, spec = task(tmp_path, "classification", n=6)
+    model = tiny_model("classification")
+    full = fisher(model, batches(ds, tok, spec, "classification", 3)).tensors["fisher"]
+    for vectorize in (True, False):
+        part = fisher(model, batches(ds, tok, spec, "classification", 3), parameters=r"bert\.encoder\..*",
+                      vectorize=vectorize).tensors["fisher"]
+        assert part and all(n.startswith("bert.encoder.") for n in part)
+        for name, t in part.items():
+            assert not t.requires_grad and t.grad_fn is None, name
+            torch.testing.assert_close(t, full[name], rtol=1e-5, atol=1e-8)

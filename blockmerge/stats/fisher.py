@@ -185,7 +185,8 @@ class _Gradients:
         """(gradients ``{name: [B, *shape]}`` or an :class:`_EmbeddingGradient`, log-likelihoods ``[B]``)."""
         if self.vectorize:
             try:
-                return self._vectorized(batch)
+                with torch.no_grad():  # parameters left out still require grad: no graph around the transform
+                    return self._vectorized(batch)
             except RuntimeError as e:  # a model with data-dependent Python control flow cannot be vmapped
                 if "vmap" not in str(e) and "functorch" not in str(e):
                     raise
