@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..engine.sources import Checkpoint, open_checkpoint
 from ..errors import BlockmergeError
 from ..stats.data import batches
-from ..stats.models import logits, model_kind, prepare, to_device
+from ..stats.models import logits, model_class, model_kind, prepare, to_device
 from .metrics import Tally, score
 from .tasks import Task, load_tasks
 
@@ -117,17 +117,7 @@ def load_model(checkpoint: Checkpoint, config_dir: str | os.PathLike, *, head: C
 
 
 def _instantiate(config_dir: str | os.PathLike) -> torch.nn.Module:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(config_dir)
-    except (OSError, ValueError) as err:
-        raise BlockmergeError(f"not a model config directory ({str(err).splitlines()[0]})", path=config_dir) from None
-    architecture = (config.architectures or [None])[0]
-    cls = getattr(transformers, architecture, None) if architecture else None
-    if cls is None:
-        raise BlockmergeError(f"config names no known transformers architecture ({architecture!r})", path=config_dir)
+    cls, config = model_class(config_dir, "model config directory")
     return cls(config)
 
 

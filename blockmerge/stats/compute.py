@@ -20,7 +20,7 @@ from ..errors import BlockmergeError
 from .data import TaskSpec, batches, load_task
 from .fisher import Statistics, blockwise_fisher, fisher
 from .gram import gram
-from .models import model_kind
+from .models import model_class, model_kind
 from .store import StatisticsWriter, model_sha256
 
 STATISTICS = ("fisher", "gram", "blockwise_fisher")
@@ -28,18 +28,10 @@ STATISTICS = ("fisher", "gram", "blockwise_fisher")
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, Any]:
     """A `transformers` model (the class its config names) and its tokenizer, from a local directory."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     path = Path(path)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise BlockmergeError(f"not a model directory ({str(err).splitlines()[0]})", path=path) from None
-    architecture = (config.architectures or [None])[0]
-    cls = getattr(transformers, architecture, None) if architecture else None
-    if cls is None:
-        raise BlockmergeError(f"config names no known transformers architecture ({architecture!r})", path=path)
+    cls, _ = model_class(path)
     try:
         model = cls.from_pretrained(path).to(device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)

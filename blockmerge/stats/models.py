@@ -18,6 +18,7 @@ import contextlib
 import copy
 import hashlib
 import inspect
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -94,6 +95,22 @@ def prepare(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> d
                     raise BlockmergeError(f"{type(model).__name__}: config has no decoder_start_token_id")
                 batch["decoder_input_ids"] = shift_tokens_right(labels, cfg.pad_token_id or 0, start)
     return batch
+
+
+def model_class(path: str | os.PathLike, what: str = "model directory") -> tuple[Any, Any]:
+    """(the `transformers` class that ``path/config.json`` names, that config), never from the hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise BlockmergeError(f"not a {what} ({str(err).splitlines()[0]})", path=path) from None
+    architecture = (config.architectures or [None])[0]
+    cls = getattr(transformers, architecture, None) if architecture else None
+    if cls is None:
+        raise BlockmergeError(f"config names no known transformers architecture ({architecture!r})", path=path)
+    return cls, config
 
 
 def forward_names(model: nn.Module) -> set[str]:
