@@ -243,3 +243,15 @@ def test_a_run_killed_between_the_renames_of_an_overwrite_loses_nothing(family, 
     assert out.read_bytes() == b"previous"
     assert cli(*merge_args(base_path, model_paths, out), "--overwrite", "--resume").returncode == 0
     assert set(load_file(out)) == set(base)
+
+
+def test_peak_rss_is_this_process_high_water_mark():
+    """VmHWM from /proc, not ru_maxrss (which after fork and exec also counts the parent's pages)."""
+    from blockmerge.engine import memory
+
+    with open("/proc/self/status") as f:
+        before = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    peak = memory.peak_rss_bytes()
+    with open("/proc/self/status") as f:
+        after = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    assert before <= peak <= after

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     cpu = time.process_time()
     summary = blockmerge.merge(spec["method"], spec["models"], out=spec["out"], overwrite=True, **spec["options"])
     print(json.dumps({"seconds": round(summary.seconds, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
-                      "peak_rss_bytes": memory.rss_parts()["VmHWM"], "peak_rss_anon_bytes": summary.peak_rss_anon_bytes,
+                      "peak_rss_bytes": memory.peak_rss_bytes(), "peak_rss_anon_bytes": summary.peak_rss_anon_bytes,
                       "peak_rss_file_bytes": summary.peak_rss_file_bytes, "tensors_merged": summary.tensors_merged,
                       "tensors_copied": summary.tensors_copied,
                       "tensors_averaged_missing_statistic": summary.tensors_averaged_missing_statistic}))

@@ -11,8 +11,9 @@ import torch
 
 
 def peak_rss_bytes() -> int:
-    """The process's resident-set high-water mark (VmHWM)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's resident-set high-water mark (VmHWM; ``ru_maxrss`` where /proc has none, which after
+    fork and exec also counts the parent's pages)."""
+    return rss_parts().get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_parts() -> dict[str, int]:
