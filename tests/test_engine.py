@@ -75,7 +75,7 @@ def test_resume_redoes_a_block_whose_bytes_do_not_match_the_journal(family, tmp_
     journal = partial / "journal.jsonl"
     lines = journal.read_text().splitlines()
     first = json.loads(lines[0])
-    first["sha256"] = "0" * 64
+    first["crc32"] = (first["crc32"] + 1) % 2**32
     journal.write_text("\n".join([json.dumps(first), *lines[1:], '{"torn'] ) + "\n")
     summary = blockmerge.merge("average", model_paths, base=base_path, out=out, block_size=512, resume=True)
     assert summary.blocks_resumed == 2
@@ -255,3 +255,24 @@ def test_peak_rss_is_this_process_high_water_mark():
     with open("/proc/self/status") as f:
         after = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     assert before <= peak <= after
+
+
+def test_buffer_pool_reuses_a_given_back_buffer_and_keeps_at_most_keep():
+    from blockmerge.engine.buffers import BufferPool
+    from blockmerge.engine.tensors import TensorSpec
+
+    pool = BufferPool(keep=2)
+    spec = TensorSpec((8, 4), "bfloat16")
+    first, rows = pool.take(spec, 8)
+    assert rows.shape == (8, 4) and rows.dtype == torch.bfloat16 and first.numel() == 64
+    pool.give([first])
+    again, smaller = pool.take(spec, 2)  # a smaller request is served by the buffer given back
+    assert again.data_ptr() == first.data_ptr() and smaller.shape == (2, 4)
+    bigger, _ = pool.take(TensorSpec((100,), "float32"), 100)  # nothing waiting fits: a new buffer
+    assert bigger.data_ptr() != first.data_ptr() and bigger.numel() == 400
+    pool.give([again, bigger, torch.empty(10, dtype=torch.uint8)])
+    assert sorted(b.numel() for b in pool._free) == [64, 400]  # the smallest beyond `keep` is dropped
+    scalar_buffer, scalar = pool.take(TensorSpec((), "float32"), 1)
+    assert scalar.shape == () and scalar_buffer.numel() == 64
+    pool.take(TensorSpec((1000,), "float32"), 1000)  # no fit: the largest waiting buffer is dropped
+    assert [b.numel() for b in pool._free] == []

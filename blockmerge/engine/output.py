@@ -1,7 +1,7 @@
 """Where an output is written until it is complete: a sibling work directory, a lock and a journal.
 
     .NAME.blockmerge-partial/request.json   what is being merged (a resume must match it)
-    .NAME.blockmerge-partial/journal.jsonl  blocks written, with the sha256 of their bytes
+    .NAME.blockmerge-partial/journal.jsonl  blocks written, with the CRC-32 of their bytes
     .NAME.blockmerge-partial/NAME           the output itself, moved onto OUT when complete
 """
 
@@ -47,7 +47,7 @@ class Output:
             raise BlockmergeError("output already exists (pass --overwrite to replace it)", path=self.out)
         if not self.out.parent.is_dir():
             raise BlockmergeError("output directory does not exist", path=self.out.parent)
-        self.done: dict[tuple[str, int, int], str] = {}
+        self.done: dict[tuple[str, int, int], int] = {}
         request = json.loads(json.dumps(request, sort_keys=True))
         request_path = self.work / "request.json"
         journal_path = self.work / "journal.jsonl"
@@ -95,8 +95,9 @@ class Output:
             os.close(self._lock)
             self._lock = -1
 
-    def record(self, name: str, start: int, stop: int, sha256: str) -> None:
-        self._journal.write(json.dumps({"name": name, "start": start, "stop": stop, "sha256": sha256}) + "\n")
+    def record(self, name: str, start: int, stop: int, crc32: int) -> None:
+        """Journal a block as written; `crc32` of its bytes lets a resume tell it was written whole."""
+        self._journal.write(json.dumps({"name": name, "start": start, "stop": stop, "crc32": crc32}) + "\n")
         self._journal.flush()
 
     def commit(self) -> None:
@@ -127,13 +128,13 @@ class Output:
         self._release_lock()
 
 
-def _read_journal(path: Path) -> dict[tuple[str, int, int], str]:
+def _read_journal(path: Path) -> dict[tuple[str, int, int], int]:
     done = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 item = json.loads(line)
-                done[(item["name"], item["start"], item["stop"])] = item["sha256"]
+                done[(item["name"], item["start"], item["stop"])] = int(item["crc32"])
             except (ValueError, KeyError, TypeError):
                 break  # a torn last line: the blocks after it are redone
     return done

@@ -10,8 +10,9 @@ import os
 import re
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from .. import __version__
 from ..errors import BlockmergeError
 from ..plugins import Block, Common, Method, get
 from . import faults, memory
+from .buffers import BufferPool
 from .output import Output, _os_error
 from .plan import BlockRef, plan
 from .sinks import DictSink, Sink, open_sink
@@ -236,10 +238,27 @@ class _Raw:
     stats: dict[str, list[torch.Tensor]]
     base_stats: dict[str, torch.Tensor]
     nbytes: int
+    loan: _Loan
+    pool: BufferPool
 
     def release(self) -> None:
-        """Drop the tensors (the consumer is done with the block; its loop variable may outlive it)."""
+        """Drop the tensors and, once they are hashed, give their buffers back (the consumer is done with the
+        block; its loop variable may outlive it). Raises what hashing found (a checksum mismatch)."""
         self.models, self.base, self.stats, self.base_stats = [], None, {}, {}
+        loan, self.loan = self.loan, _Loan()
+        try:
+            for hashing in loan.hashing:
+                hashing.result()
+        finally:
+            self.pool.give(loan.buffers)
+
+
+@dataclass
+class _Loan:
+    """What a block's tensors rest on until it is released: pool buffers, and their hashing in flight."""
+
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    hashing: list[Future] = field(default_factory=list)
 
 
 class _Engine:
@@ -256,6 +275,9 @@ class _Engine:
         self.whole_name: str | None = None
         self.whole_stats: dict[tuple, torch.Tensor] = {}
         self.fresh: set[tuple] = set()  # keys of whole_stats read by the latest read()
+        # Buffers for the block being merged and the one read ahead (each input and statistic), and its output.
+        self.hasher: ThreadPoolExecutor | None = None  # hashes inputs while blocks() runs
+        self.pool = BufferPool(keep=2 * (len(job.models) + 1) * (1 + len(job.stats and job.stats[0])) + 1)
 
     def _inputs(self, ref: BlockRef) -> tuple[list[int], bool]:
         """Which models and whether the base are read for a block."""
@@ -265,23 +287,39 @@ class _Engine:
         return list(range(len(job.models))), ref.action == "merge" and job.base is not None and (
             job.method.needs_base or job.method.base_statistics != ())
 
-    def _read(self, ckpt: Checkpoint, index: int, name: str, start: int, stop: int) -> torch.Tensor:
-        t = ckpt.read(name, start, stop)
+    def _read(self, ckpt: Checkpoint, index: int, name: str, start: int, stop: int, loan: _Loan | None = None
+              ) -> torch.Tensor:
+        """Rows of a tensor, checked finite and hashed; into a pool buffer lent to `loan` if one is given."""
+        if loan is None:
+            t = ckpt.read(name, start, stop)
+        else:
+            buffer, out = self.pool.take(ckpt.specs[name], stop - start)
+            t = ckpt.read_into(name, start, stop, out)
+            if t is out:
+                loan.buffers.append(buffer)
+            else:
+                self.pool.give([buffer])
         seen = (id(ckpt), name, start, stop)
         if t.is_floating_point() and seen not in self.checked:
             if not all_finite(t):
                 raise BlockmergeError("contains NaN or Inf", path=ckpt.label, param=name)
             self.checked.add(seen)
         if self.input_hashes is not None and index >= 0:
-            key = (index, name)
-            if key not in self.input_hashes:
-                self.input_hashes[key] = hashlib.sha256()
-            self.input_hashes[key].update(tensor_bytes(t))
-            total_rows = ckpt.specs[name].rows
-            if (stop if t.dim() else 1) >= total_rows and ckpt.checksum(name):
-                if self.input_hashes[key].hexdigest() != ckpt.checksum(name):
-                    raise BlockmergeError("checksum mismatch: the stored data is corrupt", path=ckpt.label, param=name)
+            if self.hasher is not None and loan is not None:
+                loan.hashing.append(self.hasher.submit(self._hash, ckpt, index, name, t, stop))
+            else:
+                self._hash(ckpt, index, name, t, stop)
         return t
+
+    def _hash(self, ckpt: Checkpoint, index: int, name: str, t: torch.Tensor, stop: int) -> None:
+        """Add rows (up to `stop`) to the input's running sha256; at the tensor's end, check a stored checksum."""
+        key = (index, name)
+        if key not in self.input_hashes:
+            self.input_hashes[key] = hashlib.sha256()
+        self.input_hashes[key].update(tensor_bytes(t))
+        if (stop if t.dim() else 1) >= ckpt.specs[name].rows and ckpt.checksum(name):
+            if self.input_hashes[key].hexdigest() != ckpt.checksum(name):
+                raise BlockmergeError("checksum mismatch: the stored data is corrupt", path=ckpt.label, param=name)
 
     def read(self, ref: BlockRef) -> _Raw:
         job = self.job
@@ -289,26 +327,32 @@ class _Engine:
             self.whole_name, self.whole_stats, self.fresh = ref.name, {}, set()
         models, with_base = self._inputs(ref)
         rows = (ref.start, ref.stop)
-        raw_models = [self._read(job.models[t], t, ref.name, *rows) for t in models]
-        base = self._read(job.base, len(job.models), ref.name, *rows) if with_base else None
-        stats, base_stats = {}, {}
-        if ref.action == "merge":
-            for kind in self.layout.stat_kinds[ref.name]:
-                stats[kind] = [self._read_stat(s[kind], kind, ref, (t, kind)) for t, s in enumerate(job.stats)]
-            for kind in job.method.base_statistics:
-                base_stats[kind] = self._read_stat(job.base_stats[kind], kind, ref, ("base", kind))
+        loan = _Loan()
+        try:
+            raw_models = [self._read(job.models[t], t, ref.name, *rows, loan) for t in models]
+            base = self._read(job.base, len(job.models), ref.name, *rows, loan) if with_base else None
+            stats, base_stats = {}, {}
+            if ref.action == "merge":
+                for kind in self.layout.stat_kinds[ref.name]:
+                    stats[kind] = [self._read_stat(s[kind], kind, ref, (t, kind), loan)
+                                   for t, s in enumerate(job.stats)]
+                for kind in job.method.base_statistics:
+                    base_stats[kind] = self._read_stat(job.base_stats[kind], kind, ref, ("base", kind), loan)
+        except BaseException:
+            _Raw(ref, [], None, {}, {}, 0, loan, self.pool).release()
+            raise
         whole = {id(t) for t in self.whole_stats.values()}
         nbytes = sum(t.numel() * t.element_size() for t in [*raw_models, *([base] if base is not None else []),
                                                              *(x for v in stats.values() for x in v),
                                                              *base_stats.values()] if id(t) not in whole)
         nbytes += sum(t.numel() * t.element_size() for key, t in self.whole_stats.items() if key in self.fresh)
-        return _Raw(ref, raw_models, base, stats, base_stats, nbytes)
+        return _Raw(ref, raw_models, base, stats, base_stats, nbytes, loan, self.pool)
 
-    def _read_stat(self, ckpt: Checkpoint, kind: str, ref: BlockRef, key: tuple) -> torch.Tensor:
+    def _read_stat(self, ckpt: Checkpoint, kind: str, ref: BlockRef, key: tuple, loan: _Loan) -> torch.Tensor:
         """A statistic of the parameter's own shape is cut to the block's rows; others (Grams) are whole,
         read once per parameter and kept for its next row blocks."""
         if STAT_SHAPES[kind] is None:
-            return self._read(ckpt, -1, ref.name, ref.start, ref.stop)
+            return self._read(ckpt, -1, ref.name, ref.start, ref.stop, loan)
         if key in self.whole_stats:
             self.fresh.discard(key)
             return self.whole_stats[key]
@@ -321,7 +365,10 @@ class _Engine:
         total = sum(self.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
         bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.job.progress, leave=False)
         try:
-            with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-read") as pool:
+            # The reader's checks are memory-bound; a team of OpenMP threads of its own would compete with the merge.
+            with (ThreadPoolExecutor(1, thread_name_prefix="blockmerge-read", initializer=torch.set_num_threads,
+                                     initargs=(1,)) as pool,
+                  ThreadPoolExecutor(1, thread_name_prefix="blockmerge-hash") as self.hasher):
                 pending = pool.submit(self.read, refs[0]) if refs else None
                 for i in range(len(refs)):
                     raw = pending.result()
@@ -338,6 +385,7 @@ class _Engine:
                     if pending is None and i + 1 < len(refs):
                         pending = pool.submit(self.read, refs[i + 1])
         finally:
+            self.hasher = None
             bar.close()
 
     def has_whole_stats(self, ref: BlockRef) -> bool:
@@ -366,16 +414,13 @@ class _Engine:
                      {k: [dev(x, STAT_SHAPES[k] is None) for x in v] for k, v in raw.stats.items()},
                      {k: dev(v, STAT_SHAPES[k] is None) for k, v in raw.base_stats.items()})
 
-    def compute_block(self, raw: _Raw, state: dict) -> torch.Tensor:
-        """The merged block in the output dtype, on the CPU, merged slice by slice (see `slices`)."""
+    def compute_block(self, raw: _Raw, state: dict, out: torch.Tensor) -> torch.Tensor:
+        """The merged block, in `out` (the output dtype, on the CPU), merged slice by slice (see `slices`)."""
         ref = raw.ref
-        out_dtype = torch_dtype(self.layout.out_specs[ref.name].dtype)
         if ref.action == "copy":
-            source = raw.base if raw.base is not None else raw.models[0]
-            return source.to(out_dtype)
+            return out.copy_(raw.base if raw.base is not None else raw.models[0])
         method = self.job.method if ref.action == "merge" else get("average")
         hp = self.job.hyperparameters if ref.action == "merge" else method.hyperparameters()
-        out = torch.empty(raw.models[0].shape, dtype=out_dtype)
         for block in self.slices(raw, method):
             result = method.merge(block, hp, state)
             if block.report:
@@ -554,23 +599,47 @@ def _map_blocks(engine: _Engine, refs: list[BlockRef], index: int, state: dict, 
 
 
 def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict,
-                  done: dict[tuple[str, int, int], str]) -> Iterator[tuple[BlockRef, memoryview, bool]]:
-    """Each block merged and written, or kept where `done` has the sha256 of the bytes already in the sink.
+                  done: dict[tuple[str, int, int], int]) -> Iterator[tuple[BlockRef, memoryview, int, bool]]:
+    """Each block merged and written, or kept where `done` has the CRC-32 of the bytes already in the sink.
 
-    Yields (block, its output bytes, kept).
+    Yields (block, its output bytes, their CRC-32, kept) in plan order, each once its bytes are
+    written. A block is written on a thread of its own while the next one is merged.
     """
-    for raw in engine.blocks(refs, engine.job.method.name):
-        ref = raw.ref
-        key = (ref.name, ref.start, ref.stop)
-        if key in done:
-            existing = tensor_bytes(sink.read(*key).contiguous())
-            if hashlib.sha256(existing).hexdigest() == done[key]:
-                yield ref, existing, True
-                continue
-        result = engine.compute_block(raw, state)
-        sink.write(ref.name, ref.start, result)
-        faults.point("write")
-        yield ref, tensor_bytes(result), False
+    with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-write") as writer:
+        previous = None
+        for raw in engine.blocks(refs, engine.job.method.name):
+            ref = raw.ref
+            key = (ref.name, ref.start, ref.stop)
+            if key in done:
+                existing = tensor_bytes(sink.read(*key).contiguous())
+                if zlib.crc32(existing) == done[key]:
+                    if previous is not None:
+                        yield from _written(engine, *previous)
+                        previous = None
+                    yield ref, existing, done[key], True
+                    continue
+            buffer, out = engine.pool.take(engine.layout.out_specs[ref.name], ref.stop - ref.start)
+            engine.compute_block(raw, state, out)
+            written = writer.submit(_write, sink, ref, out)
+            if previous is not None:
+                yield from _written(engine, *previous)
+            previous = (ref, out, buffer, written)
+        if previous is not None:
+            yield from _written(engine, *previous)
+
+
+def _write(sink: Sink, ref: BlockRef, rows: torch.Tensor) -> int:
+    """Write a merged block; the CRC-32 of its bytes."""
+    sink.write(ref.name, ref.start, rows)
+    return zlib.crc32(tensor_bytes(rows))
+
+
+def _written(engine: _Engine, ref: BlockRef, rows: torch.Tensor, buffer: torch.Tensor, written: Future
+             ) -> Iterator[tuple[BlockRef, memoryview, int, bool]]:
+    crc = written.result()
+    faults.point("write")
+    yield ref, tensor_bytes(rows), crc, False
+    engine.pool.give([buffer])
 
 
 def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, output: Output | None
@@ -578,14 +647,14 @@ def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, 
     """Checksums of the output tensors and of the input tensors read."""
     engine.input_hashes = {}
     out_hashes: dict[str, Any] = {}
-    for ref, data, kept in _write_blocks(engine, refs, sink, state, output.done if output is not None else {}):
+    for ref, data, crc, kept in _write_blocks(engine, refs, sink, state, output.done if output is not None else {}):
         out_hashes.setdefault(ref.name, hashlib.sha256()).update(data)
         if kept:
             engine.summary.blocks_resumed += 1
             continue
         engine.summary.bytes_written += len(data)
         if output is not None:
-            output.record(ref.name, ref.start, ref.stop, hashlib.sha256(data).hexdigest())
+            output.record(ref.name, ref.start, ref.stop, crc)
         _sample_memory(engine)
         faults.point("block")
     return ({n: h.hexdigest() for n, h in out_hashes.items()},

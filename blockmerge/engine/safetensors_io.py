@@ -112,11 +112,13 @@ class SafetensorsFile:
             self.close()
             raise
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start:stop of a tensor, into `out` (a contiguous tensor of their shape and dtype) if given."""
         spec, offset = self.entries[name]
         row_bytes = spec.row_numel * itemsize(spec.dtype)
         shape = ((stop - start),) + spec.shape[1:] if spec.shape else ()
-        out = torch.empty(shape, dtype=torch_dtype(spec.dtype))
+        if out is None:
+            out = torch.empty(shape, dtype=torch_dtype(spec.dtype))
         if out.numel():
             pread_exact(self._fd, tensor_bytes(out), offset + start * row_bytes, self.path, name)
         return out

@@ -30,6 +30,11 @@ class Checkpoint:
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """The rows, in `out` (contiguous, of their shape and dtype) where this source reads into a given
+        tensor, else in a tensor of its own."""
+        return self.read(name, start, stop)
+
     def checksum(self, name: str) -> str | None:
         """The stored sha256 of a tensor's bytes, where the format records one."""
         return None
@@ -89,6 +94,9 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._file_of[name].read(name, start, stop)
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return self._file_of[name].read(name, start, stop, out)
 
     def paths(self) -> list[Path]:
         return sorted({f.path for f in self._file_of.values()})

@@ -28,7 +28,7 @@ def average(models: list[torch.Tensor], weights: list[float] | None = None) -> t
     total = sum(weights)
     out = models[0] * (weights[0] / total)
     for w, m in zip(weights[1:], models[1:]):
-        out += m * (w / total)
+        out.add_(m, alpha=w / total)
     return out
 
 

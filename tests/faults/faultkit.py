@@ -154,7 +154,7 @@ def journal_lines(work: Path) -> int:
     for line in p.read_text().splitlines() if p.is_file() else []:
         try:
             item = json.loads(line)
-            item["name"], item["start"], item["stop"], item["sha256"]
+            item["name"], item["start"], item["stop"], int(item["crc32"])
         except (ValueError, KeyError, TypeError):
             break
         n += 1
