@@ -276,3 +276,20 @@ def test_buffer_pool_reuses_a_given_back_buffer_and_keeps_at_most_keep():
     assert scalar.shape == () and scalar_buffer.numel() == 64
     pool.take(TensorSpec((1000,), "float32"), 1000)  # no fit: the largest waiting buffer is dropped
     assert [b.numel() for b in pool._free] == []
+
+
+@pytest.mark.parametrize("method", ["average", "ties", "dare", "task_arithmetic"])
+def test_slices_merged_on_several_threads_give_the_bytes_of_one(method):
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(700, 512, generator=g), "b": torch.randn(512, generator=g)}  # w: 3 slices
+    models = [{n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()} for _ in range(3)]
+    extra = {"base": base} if method != "average" else {}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = blockmerge.merge(method, models, **extra)
+        torch.set_num_threads(4)
+        several = blockmerge.merge(method, models, **extra)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(one[n], several[n]) for n in base)

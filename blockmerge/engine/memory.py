@@ -34,17 +34,21 @@ def peak_gpu_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
-def return_freed_blocks_to_the_os(threshold: int = 1 << 20) -> bool:
-    """Serve allocations above `threshold` bytes with mmap, so a freed block leaves the process.
+def return_freed_blocks_to_the_os(threshold: int = 1 << 20, heap_kept: int = 64 << 20) -> bool:
+    """Serve allocations above `threshold` bytes with mmap, so a freed block leaves the process; keep up to
+    `heap_kept` bytes of freed heap for the small temporaries of the next slice.
 
     glibc raises its mmap threshold after each large free (up to 32 MiB), after which block
     buffers come from the heap and fragment it: RSS then grows with the model. Fixing the
-    threshold keeps peak RSS set by the block budget. Returns False where libc has no mallopt.
+    threshold keeps peak RSS set by the block budget. Fixing it also fixes the heap's trim
+    threshold at 128 KiB: every freed slice temporary would go back to the OS and come back as
+    fresh pages, faulted in and zeroed, which cost more than the merge arithmetic (2.5x for TIES).
+    Returns False where libc has no mallopt.
     """
     use_huge_pages()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, heap_kept))
     except (OSError, AttributeError):
         return False
 
@@ -59,4 +63,5 @@ def use_huge_pages() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

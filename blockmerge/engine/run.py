@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -12,7 +13,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,6 +278,8 @@ class _Engine:
         self.fresh: set[tuple] = set()  # keys of whole_stats read by the latest read()
         # Buffers for the block being merged and the one read ahead (each input and statistic), and its output.
         self.hasher: ThreadPoolExecutor | None = None  # hashes inputs while blocks() runs
+        self.workers: ThreadPoolExecutor | None = None  # merges slices in parallel (see map_slices)
+        self.worker_count = 0
         self.pool = BufferPool(keep=2 * (len(job.models) + 1) * (1 + len(job.stats and job.stats[0])) + 1)
 
     def _inputs(self, ref: BlockRef) -> tuple[list[int], bool]:
@@ -415,17 +418,15 @@ class _Engine:
                      {k: dev(v, STAT_SHAPES[k] is None) for k, v in raw.base_stats.items()})
 
     def compute_block(self, raw: _Raw, state: dict, out: torch.Tensor) -> torch.Tensor:
-        """The merged block, in `out` (the output dtype, on the CPU), merged slice by slice (see `slices`)."""
+        """The merged block, in `out` (the output dtype, on the CPU), merged slice by slice (see `map_slices`)."""
         ref = raw.ref
         if ref.action == "copy":
             return out.copy_(raw.base if raw.base is not None else raw.models[0])
         method = self.job.method if ref.action == "merge" else get("average")
         hp = self.job.hyperparameters if ref.action == "merge" else method.hyperparameters()
-        for block in self.slices(raw, method):
+
+        def merge_slice(block: Block) -> tuple[int, int, dict]:
             result = method.merge(block, hp, state)
-            if block.report:
-                self.summary.reports.setdefault(ref.name, []).append(
-                    {"rows": [block.start, block.stop], **block.report})
             expected = block.models[0].shape
             if tuple(result.shape) != tuple(expected):
                 raise BlockmergeError(f"{method.name} returned shape {list(result.shape)} for a block of shape "
@@ -436,10 +437,16 @@ class _Engine:
                 raise BlockmergeError(f"{method.name} produced NaN or Inf in "
                                       f"{self.layout.out_specs[ref.name].dtype} (check the hyperparameters, "
                                       "statistics and --dtype)", param=ref.name)
+            return block.start, block.stop, block.report
+
+        for start, stop, report in self.map_slices(raw, merge_slice, method):
+            if report:
+                self.summary.reports.setdefault(ref.name, []).append({"rows": [start, stop], **report})
         return out
 
-    def slices(self, raw: _Raw, method: Method | None = None) -> Iterator[Block]:
-        """The block, or for a row-wise method on the CPU its rows about SLICE_ELEMENTS elements at a time.
+    def map_slices(self, raw: _Raw, fn: Callable[[Block], Any], method: Method | None = None) -> Iterator[Any]:
+        """fn of the block, or for a row-wise method on the CPU of each of its slices of about SLICE_ELEMENTS
+        elements, in order; with `workers`, slices run on those threads, a few at a time.
 
         Slices give the same bytes as whole blocks (row-wise methods do not depend on the block
         size), and their temporaries stay in the cache and come from the heap, not fresh pages.
@@ -450,11 +457,26 @@ class _Engine:
         step = rows
         if method.row_blocks and self.device.type == "cpu" and len(shape):
             step = max(1, SLICE_ELEMENTS // max(1, self.layout.specs[raw.ref.name].row_numel))
-        if step >= rows:
-            yield self.to_block(raw)
+        ranges = [None] if step >= rows else [(first, min(rows, first + step)) for first in range(0, rows, step)]
+
+        def task(rows: tuple[int, int] | None) -> Any:
+            return fn(self.to_block(raw, rows))
+
+        if self.workers is None or len(ranges) == 1:
+            yield from map(task, ranges)
             return
-        for first in range(0, rows, step):
-            yield self.to_block(raw, (first, min(rows, first + step)))
+        window: collections.deque[Future] = collections.deque()
+        try:
+            for rows in ranges:
+                window.append(self.workers.submit(task, rows))
+                if len(window) > 2 * self.worker_count:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for pending in window:
+                pending.cancel()
+            wait(window)
 
 
 def _identity(ckpt: Checkpoint) -> list:
@@ -508,9 +530,15 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     if out is not None:
         extra = {"codec": codec, "shard_bytes": shard_bytes}
         output = Output(out, request_of(job, layout, out_format, extra), resume=resume, overwrite=overwrite)
-    # Elementwise kernels on the CPU run on cache-sized slices: more threads only wait at each op's barrier.
-    elementwise = all(STAT_SHAPES[k] is None for k in layout.used_kinds)
-    with _torch_threads(1 if engine.device.type == "cpu" and elementwise else torch.get_num_threads()):
+    # Elementwise kernels on the CPU run on cache-sized slices, one torch thread each and as many slices at once
+    # as torch has threads: threads within each small op would only wait at its barrier.
+    elementwise = engine.device.type == "cpu" and all(STAT_SHAPES[k] is None for k in layout.used_kinds)
+    threads = torch.get_num_threads()
+    with (_torch_threads(1 if elementwise else threads),
+          ThreadPoolExecutor(threads, thread_name_prefix="blockmerge-merge", initializer=torch.set_num_threads,
+                             initargs=(1,)) as workers):
+        if elementwise and threads > 1:
+            engine.workers, engine.worker_count = workers, threads
         try:
             sink: Sink
             if output is None:
@@ -593,9 +621,13 @@ def _map_blocks(engine: _Engine, refs: list[BlockRef], index: int, state: dict, 
     """Each block and its partial result of the method's pass `index`, in plan order."""
     job = engine.job
     p = job.method.passes(job.hyperparameters, engine.layout.used_kinds)[index]
+
+    def map_slice(block: Block) -> tuple[Block, Any]:
+        partial = p.map(block, job.hyperparameters, state)
+        return Block(block.name, block.start, block.stop, block.shape, []), partial
+
     for raw in engine.blocks(refs, desc):
-        for block in engine.slices(raw):
-            yield block, p.map(block, job.hyperparameters, state)
+        yield from engine.map_slices(raw, map_slice)
 
 
 def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict,

@@ -51,7 +51,7 @@ def dare(models: list[torch.Tensor], base: torch.Tensor, masks: list[torch.Tenso
     """θ_0 + λ Σ_t m_t ⊙ τ_t (/ (1 − p)), with explicit boolean masks."""
     total = torch.zeros_like(base)
     for m, keep in zip(models, masks):
-        total += torch.where(keep, m - base, 0.0)
+        total += torch.sub(m, base).mul_(keep)  # a product with the mask: several times faster than `where`
     if rescale and drop_rate < 1.0:
         total = total / (1.0 - drop_rate)
     return base + total * scaling_factor
