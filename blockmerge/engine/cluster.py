@@ -34,7 +34,7 @@ from ..plugins import Block
 from . import memory
 from .output import Output
 from .plan import BlockRef
-from .run import Job, Layout, _Engine, _map_blocks, _sample_memory, _write_blocks
+from .run import Job, Layout, _Engine, _map_blocks, _write_blocks
 from .sinks import SafetensorsSink, Sink
 from .sources import Checkpoint, open_checkpoint
 from .tensors import TensorSpec, tensor_bytes
@@ -241,7 +241,7 @@ class DaskExecutor:
                 i = position[future.key]
                 results[i] = result
                 bar.update(_input_bytes(engine, groups[i]))
-                _sample_memory(engine)
+                engine.sample_memory()
         except BaseException:
             with contextlib.suppress(Exception):  # best effort: the scheduler may be what failed
                 Event(stop, client=self.client).set()

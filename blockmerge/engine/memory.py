@@ -34,7 +34,7 @@ def peak_gpu_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
-def return_freed_blocks_to_the_os(threshold: int = 1 << 20, heap_kept: int = 64 << 20) -> bool:
+def return_freed_blocks_to_the_os(threshold: int = 4 << 20, heap_kept: int = 64 << 20) -> bool:
     """Serve allocations above `threshold` bytes with mmap, so a freed block leaves the process; keep up to
     `heap_kept` bytes of freed heap for the small temporaries of the next slice.
 

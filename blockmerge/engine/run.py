@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .cluster import DaskExecutor
 
 # Elements of one slice of a block merged at a time on the CPU (see _Engine.compute_block).
-SLICE_ELEMENTS = 1 << 17
+SLICE_ELEMENTS = 1 << 18
 
 # Shape of a statistic of parameter `p`, by kind; None: the parameter's own shape.
 STAT_SHAPES = {
@@ -384,12 +384,19 @@ class _Engine:
                     bar.set_postfix_str(f"block {i + 1}/{len(refs)}", refresh=False)
                     bar.update(raw.nbytes)
                     yield raw
+                    self.sample_memory()
                     raw.release()
                     if pending is None and i + 1 < len(refs):
                         pending = pool.submit(self.read, refs[i + 1])
         finally:
             self.hasher = None
             bar.close()
+
+    def sample_memory(self) -> None:
+        """Fold the process's resident anonymous and file-backed bytes now into `peak_parts`."""
+        parts = memory.rss_parts()
+        anon, file = self.peak_parts
+        self.peak_parts = (max(anon, parts.get("RssAnon", 0)), max(file, parts.get("RssFile", 0)))
 
     def has_whole_stats(self, ref: BlockRef) -> bool:
         """Whether a block reads statistics whole (Gram matrices, blockwise Fishers)."""
@@ -590,12 +597,6 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _sample_memory(engine: _Engine) -> None:
-    parts = memory.rss_parts()
-    anon, file = engine.peak_parts
-    engine.peak_parts = (max(anon, parts.get("RssAnon", 0)), max(file, parts.get("RssFile", 0)))
-
-
 MapBlocks = Callable[[_Engine, list[BlockRef], int, dict, str], Iterator[tuple[Block, Any]]]
 
 
@@ -609,7 +610,6 @@ def _run_passes(engine: _Engine, refs: list[BlockRef], map_blocks: MapBlocks | N
         acc = None
         for block, partial in (map_blocks or _map_blocks)(engine, merge_refs, i, state, f"pass {i + 1}/{len(passes)}"):
             acc = p.fold(acc, partial, block)
-            _sample_memory(engine)
             faults.point("pass")
         state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, state))
     engine.summary.passes = len(passes) + 1
@@ -687,7 +687,6 @@ def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, 
         engine.summary.bytes_written += len(data)
         if output is not None:
             output.record(ref.name, ref.start, ref.stop, crc)
-        _sample_memory(engine)
         faults.point("block")
     return ({n: h.hexdigest() for n, h in out_hashes.items()},
             {k: h.hexdigest() for k, h in engine.input_hashes.items()})

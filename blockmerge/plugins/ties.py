@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +24,7 @@ from .base import Block, Method, Pass, docstring_summary
 
 TOP_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit clear)
 LOW_BINS = 1 << 16
-SLICE = 1 << 17  # elements the passes take at a time: their temporaries stay in the cache and on the heap
+SLICE = 1 << 18  # elements the passes take at a time: their temporaries stay in the cache and on the heap
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,8 @@ def trim(task_vector: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """Keep entries whose magnitude is at least the threshold (None keeps everything)."""
     if threshold is None or threshold <= 0.0:
         return task_vector
-    # hardshrink keeps |x| > λ: λ is the float just below the threshold, so |x| >= threshold is kept
-    below = float(torch.nextafter(torch.tensor(threshold), torch.tensor(0.0)))
-    return F.hardshrink(task_vector, below)
+    # hardshrink keeps |x| > λ: λ is the float32 just below the threshold, so |x| >= threshold is kept
+    return F.hardshrink(task_vector, float(np.nextafter(np.float32(threshold), np.float32(0.0))))
 
 
 def elect_and_merge(trimmed: list[torch.Tensor], majority_sign: int) -> torch.Tensor:
@@ -93,7 +93,7 @@ def _fold_counts(mode: str):
     def fold(acc, partial, block):
         acc = acc if acc is not None else {}
         group = _group(block, mode)
-        acc[group] = partial if group not in acc else acc[group] + partial
+        acc[group] = partial if group not in acc else acc[group].add_(partial)
         if mode == "block" and block.stop == (block.shape[0] if block.shape else 1):
             dense = acc[group]
             acc[group] = [(row.nonzero().flatten(), row[row != 0]) for row in dense]
@@ -143,7 +143,7 @@ def trim_passes(hp: Ties) -> list[Pass]:
                 if top is not None:
                     # low 16 bits of the values in the top bin, shifted by one; every other value lands in
                     # bin 0 or LOW_BINS + 1, which are dropped
-                    low = (magnitude_bits(m - base) - (top[0] << 16)).clamp_(-1, LOW_BINS) + 1
+                    low = magnitude_bits(m - base).sub_(top[0] << 16).clamp_(-1, LOW_BINS).add_(1)
                     row += torch.bincount(low, minlength=LOW_BINS + 2)[1:LOW_BINS + 1]
         return counts.cpu()
 
