@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,10 @@ from rich.table import Table
 from . import api
 from .clitools import one_line_errors as _errors
 from .clitools import parse_pairs as _parse_pairs
-from .demo import demo
 from .engine.plan import DEFAULT_BLOCK_BYTES
 from .engine.run import Summary
 from .engine.sinks import FORMATS, parse_size
 from .errors import BlockmergeError
-from .eval.cli import eval_command, search_command, sweep_command
 
 CONFIG_KEYS = {"method", "models", "base", "base_stats", "set", "out", "format", "block_size", "device", "dtype",
                "compute_dtype", "codec", "max_shard_size"}
@@ -74,7 +73,23 @@ def print_summary(summaries: list[Summary]) -> None:
     Console(stderr=True, width=160).print(table)
 
 
-@click.group()
+class _Commands(click.Group):
+    """Commands whose modules (training, evaluation) load only when their command runs."""
+
+    lazy = {"demo": "blockmerge.demo:demo", "eval": "blockmerge.eval.cli:eval_command",
+            "sweep": "blockmerge.eval.cli:sweep_command", "search": "blockmerge.eval.cli:search_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attribute = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="blockmerge")
 def main() -> None:
     """Merge fine-tuned models of one architecture, one parameter block at a time."""
@@ -318,9 +333,3 @@ def stats_gram(max_memory: str | None, **kwargs: Any) -> None:
 def stats_blockwise_fisher(**kwargs: Any) -> None:
     """Per-vector Fisher blocks: mean outer product of per-example gradients (METHODS.md §5.5)."""
     _compute("blockwise_fisher", **kwargs)
-
-
-main.add_command(demo)
-main.add_command(eval_command)
-main.add_command(sweep_command)
-main.add_command(search_command)

@@ -293,3 +293,22 @@ def test_slices_merged_on_several_threads_give_the_bytes_of_one(method):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(one[n], several[n]) for n in base)
+
+
+def test_io_hints_are_active_on_linux_and_leave_the_bytes_alone(tmp_path):
+    from safetensors.torch import save_file
+
+    from blockmerge.engine import safetensors_io
+
+    if sys.platform.startswith("linux"):
+        assert safetensors_io._sync_file_range is not None
+    t = torch.randn(64, 32)
+    save_file({"w": t}, tmp_path / "a.safetensors")
+    source = safetensors_io.SafetensorsFile(tmp_path / "a.safetensors")
+    source.prefetch("w", 8, 40)
+    assert torch.equal(source.read("w", 8, 40), t[8:40])
+    fd = os.open(tmp_path / "b", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"x" * 4096)
+    safetensors_io.start_writeback(fd, 0, 4096)
+    os.close(fd)
+    assert (tmp_path / "b").read_bytes() == b"x" * 4096

@@ -324,7 +324,16 @@ class _Engine:
             if self.input_hashes[key].hexdigest() != ckpt.checksum(name):
                 raise BlockmergeError("checksum mismatch: the stored data is corrupt", path=ckpt.label, param=name)
 
-    def read(self, ref: BlockRef) -> _Raw:
+    def prefetch(self, ref: BlockRef) -> None:
+        """Start bringing a block's model and base rows into the page cache."""
+        models, with_base = self._inputs(ref)
+        for ckpt in [*(self.job.models[t] for t in models), *([self.job.base] if with_base else [])]:
+            ckpt.prefetch(ref.name, ref.start, ref.stop)
+
+    def read(self, ref: BlockRef, after: BlockRef | None = None) -> _Raw:
+        """A block's inputs, read and checked; the block `after` it is prefetched first."""
+        if after is not None:
+            self.prefetch(after)
         job = self.job
         if ref.name != self.whole_name:  # the Grams kept for the previous parameter's row blocks go
             self.whole_name, self.whole_stats, self.fresh = ref.name, {}, set()
@@ -372,14 +381,17 @@ class _Engine:
             with (ThreadPoolExecutor(1, thread_name_prefix="blockmerge-read", initializer=torch.set_num_threads,
                                      initargs=(1,)) as pool,
                   ThreadPoolExecutor(1, thread_name_prefix="blockmerge-hash") as self.hasher):
-                pending = pool.submit(self.read, refs[0]) if refs else None
+                def read(i: int) -> Future:
+                    return pool.submit(self.read, refs[i], refs[i + 1] if i + 1 < len(refs) else None)
+
+                pending = read(0) if refs else None
                 for i in range(len(refs)):
                     raw = pending.result()
                     # A block with whole statistics (Grams) is not read ahead of, nor alongside, another:
                     # two parameters' Grams would be live at once.
                     ahead = i + 1 < len(refs) and not (self.has_whole_stats(refs[i]) or
                                                        self.has_whole_stats(refs[i + 1]))
-                    pending = pool.submit(self.read, refs[i + 1]) if ahead else None
+                    pending = read(i + 1) if ahead else None
                     self.summary.bytes_read += raw.nbytes
                     bar.set_postfix_str(f"block {i + 1}/{len(refs)}", refresh=False)
                     bar.update(raw.nbytes)
@@ -387,7 +399,7 @@ class _Engine:
                     self.sample_memory()
                     raw.release()
                     if pending is None and i + 1 < len(refs):
-                        pending = pool.submit(self.read, refs[i + 1])
+                        pending = read(i + 1)
         finally:
             self.hasher = None
             bar.close()

@@ -7,6 +7,8 @@ larger than memory is written without holding it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -111,6 +113,16 @@ class SafetensorsFile:
         except BaseException:
             self.close()
             raise
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """Ask the kernel to start reading rows start:stop into the page cache (a later read waits less)."""
+        spec, offset = self.entries[name]
+        row_bytes = spec.row_numel * itemsize(spec.dtype)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, offset + start * row_bytes, (stop - start) * row_bytes,
+                             os.POSIX_FADV_WILLNEED)
 
     def read(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start:stop of a tensor, into `out` (a contiguous tensor of their shape and dtype) if given."""
@@ -151,6 +163,24 @@ def header_bytes(specs: dict[str, TensorSpec], metadata: dict[str, str] | None =
     return struct.pack("<Q", len(raw)) + raw, {k: start + v for k, v in offsets.items()}
 
 
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a range to disk now, so the closing fsync has little left to wait for
+    (Linux `sync_file_range`; elsewhere nothing)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
+
+
+def _libc_function(name: str):
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = _libc_function("sync_file_range")
+
+
 class SafetensorsWriter:
     """A safetensors file whose tensors are written in row blocks, in any order."""
 
@@ -175,6 +205,7 @@ class SafetensorsWriter:
         offset, done = self._span(name, start), 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], offset + done)
+        start_writeback(self._fd, offset, len(data))
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         spec = self.specs[name]

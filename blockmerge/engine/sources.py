@@ -35,6 +35,9 @@ class Checkpoint:
         tensor, else in a tensor of its own."""
         return self.read(name, start, stop)
 
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """Start bringing rows into memory ahead of their read, where the format allows it."""
+
     def checksum(self, name: str) -> str | None:
         """The stored sha256 of a tensor's bytes, where the format records one."""
         return None
@@ -97,6 +100,9 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         return self._file_of[name].read(name, start, stop, out)
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        self._file_of[name].prefetch(name, start, stop)
 
     def paths(self) -> list[Path]:
         return sorted({f.path for f in self._file_of.values()})
