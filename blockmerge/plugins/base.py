@@ -81,6 +81,9 @@ class Method:
     When what it needs depends on the hyperparameters, `needs_for` gives it; `needs_base`, `statistics`
     and `optional_statistics` then describe the defaults, and `needs_base` must be true for the base to be
     read where any setting needs it.
+
+    On the CPU, the slices of a block of a method without Gram statistics are merged (and mapped by
+    its passes) on several threads at once: there `merge` and `Pass.map` read `state`, never write it.
     """
 
     name: str
