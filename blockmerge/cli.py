@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 from pathlib import Path
@@ -93,6 +94,9 @@ class _Commands(click.Group):
 @click.version_option(package_name="blockmerge")
 def main() -> None:
     """Merge fine-tuned models of one architecture, one parameter block at a time."""
+    # What the imports built (torch's registries: most of the process's objects) lives until exit: the
+    # collector skips it from now on, during the run and in the final collection at exit (~0.2 s).
+    gc.freeze()
 
 
 @main.command()
