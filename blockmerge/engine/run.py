@@ -276,10 +276,10 @@ class _Engine:
         self.whole_name: str | None = None
         self.whole_stats: dict[tuple, torch.Tensor] = {}
         self.fresh: set[tuple] = set()  # keys of whole_stats read by the latest read()
-        # Buffers for the block being merged and the one read ahead (each input and statistic), and its output.
         self.hasher: ThreadPoolExecutor | None = None  # hashes inputs while blocks() runs
         self.workers: ThreadPoolExecutor | None = None  # merges slices in parallel (see map_slices)
         self.worker_count = 0
+        # Buffers for the block being merged and the one read ahead (each input and statistic), and its output.
         self.pool = BufferPool(keep=2 * (len(job.models) + 1) * (1 + len(job.stats and job.stats[0])) + 1)
 
     def _inputs(self, ref: BlockRef) -> tuple[list[int], bool]:
