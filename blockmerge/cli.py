@@ -324,6 +324,8 @@ def stats_fisher(**kwargs: Any) -> None:
 @click.option("--outputs/--no-outputs", default=False, show_default=True,
               help="Gram of Linear output gradients (gram_out).")
 @click.option("--max-memory", default=None, help="Bound on accumulators held at once (e.g. 2GiB).")
+@click.option("--modules", default=None,
+              help="Regex the Linear module names must match in full (default: every one), e.g. '(?!lm_head).*'.")
 @_errors
 def stats_gram(max_memory: str | None, **kwargs: Any) -> None:
     """Gram matrices of every Linear layer's inputs and/or output gradients (METHODS.md §6.2, §7.5)."""

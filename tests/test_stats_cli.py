@@ -93,3 +93,26 @@ def test_bad_statistics_input_is_one_line_and_leaves_no_store(saved, tmp_path):
     result = CliRunner().invoke(main, ["stats", "fisher", "--model", str(tmp_path), "--data", str(tmp / "cls.jsonl"),
                                        "--out", str(tmp_path / "f")])
     assert result.exit_code == 2 and "not a model directory" in result.output
+
+
+def test_stats_gram_modules_restricts_the_linear_layers(saved):
+    tmp, dirs = saved
+    task = TaskSpec(data=str(tmp / "cls.jsonl"))
+    invoke("stats", "gram", "--model", str(dirs["classification"]), "--data", task.data, "--outputs",
+           "--modules", ".*query|(?!classifier).*dense", "--out", str(tmp / "gm.store"))
+    got = read_all(tmp / "gm.store")
+    model, tokenizer = tiny_model("classification"), tiny_tokenizer("classification")
+    data = list(batches(load_task(task), tokenizer, task, "classification", 1))
+    want = gram(model, data, inputs=True, outputs=True, modules=".*query|(?!classifier).*dense").tensors
+    assert set(got) == {"gram_in", "gram_out"} and set(got["gram_in"]) == set(want["gram_in"])
+    names = set(got["gram_in"])
+    assert names and all(n.endswith((".query.weight", ".dense.weight")) for n in names)
+    assert not any(n.startswith("classifier") for n in names)
+    everything = gram(model, data, inputs=True).tensors["gram_in"]
+    assert names < set(everything)
+    for kind in want:
+        for name, t in want[kind].items():
+            torch.testing.assert_close(got[kind][name], t, rtol=1e-5, atol=1e-7)
+    bad = CliRunner().invoke(main, ["stats", "gram", "--model", str(dirs["classification"]), "--data", task.data,
+                                    "--modules", "(unclosed", "--out", str(tmp / "bad.store")])
+    assert bad.exit_code != 0 and "bad modules regex" in bad.output and len(bad.output.strip().splitlines()) == 1

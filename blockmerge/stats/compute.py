@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,6 +69,11 @@ class Request:
             raise BlockmergeError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.num_examples is not None and not positive_int(self.num_examples):
             raise BlockmergeError(f"num_examples must be a positive integer, got {self.num_examples!r}")
+        for option, pattern in (("parameters", self.parameters), ("modules", self.modules)):
+            try:
+                re.compile(pattern or "")
+            except re.error as err:
+                raise BlockmergeError(f"bad {option} regex {pattern!r} ({err})") from None
 
     def summary(self, result: dict[str, Any], kinds: list[str], seconds: float, peak_rss_bytes: int) -> dict[str, Any]:
         """The metadata of the finished store, from the figures of :func:`write_shard` (summed over shards)."""
