@@ -46,11 +46,18 @@ def return_freed_blocks_to_the_os(threshold: int = 4 << 20, heap_kept: int = 64 
     Returns False where libc has no mallopt.
     """
     use_huge_pages()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, heap_kept))
-    except (OSError, AttributeError):
+    mallopt = libc_function("mallopt")
+    if mallopt is None:
         return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, heap_kept))
+
+
+def libc_function(name: str):
+    """The C library's function `name`, or None where there is no such library or function."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def use_huge_pages() -> None:

@@ -243,15 +243,11 @@ class _Raw:
     pool: BufferPool
 
     def release(self) -> None:
-        """Drop the tensors and, once they are hashed, give their buffers back (the consumer is done with the
-        block; its loop variable may outlive it). Raises what hashing found (a checksum mismatch)."""
+        """Drop the tensors and settle their loan (the consumer is done with the block; its loop variable may
+        outlive it)."""
         self.models, self.base, self.stats, self.base_stats = [], None, {}, {}
         loan, self.loan = self.loan, _Loan()
-        try:
-            for hashing in loan.hashing:
-                hashing.result()
-        finally:
-            self.pool.give(loan.buffers)
+        loan.settle(self.pool)
 
 
 @dataclass
@@ -260,6 +256,14 @@ class _Loan:
 
     buffers: list[torch.Tensor] = field(default_factory=list)
     hashing: list[Future] = field(default_factory=list)
+
+    def settle(self, pool: BufferPool) -> None:
+        """Wait for the hashing, then give the buffers back. Raises what hashing found (a checksum mismatch)."""
+        try:
+            for hashing in self.hashing:
+                hashing.result()
+        finally:
+            pool.give(self.buffers)
 
 
 class _Engine:
@@ -351,7 +355,7 @@ class _Engine:
                 for kind in job.method.base_statistics:
                     base_stats[kind] = self._read_stat(job.base_stats[kind], kind, ref, ("base", kind), loan)
         except BaseException:
-            _Raw(ref, [], None, {}, {}, 0, loan, self.pool).release()
+            loan.settle(self.pool)
             raise
         whole = {id(t) for t in self.whole_stats.values()}
         nbytes = sum(t.numel() * t.element_size() for t in [*raw_models, *([base] if base is not None else []),

@@ -8,7 +8,6 @@ larger than memory is written without holding it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BlockmergeError
+from .memory import libc_function
 from .tensors import TensorSpec, from_safetensors_code, itemsize, safetensors_code, tensor_bytes, torch_dtype
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -170,15 +170,8 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
 
 
-def _libc_function(name: str):
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-
-
 _SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = _libc_function("sync_file_range")
+_sync_file_range = libc_function("sync_file_range")
 
 
 class SafetensorsWriter:
