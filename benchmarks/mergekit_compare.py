@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -37,6 +36,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import peak_memory as pm
 
 MiB = 1024**2
 GB = 1e9
@@ -66,29 +67,8 @@ SCALES = {1: dict(hidden_size=1024, num_hidden_layers=8, intermediate_size=4096)
 
 
 def machine_description() -> dict[str, Any]:
-    """CPU, cores, RAM, kernel and library versions of this machine."""
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    ram = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal:"))
-    return {"cpu": cpu, "nproc": os.cpu_count(), "ram_bytes": ram, "kernel": platform.release(),
-            "python": platform.python_version(), "torch": torch.__version__, "blockmerge_commit": commit(),
-            "load_average_at_start": os.getloadavg()}
-
-
-def commit() -> str:
-    """HEAD of the repository, '+dirty' when blockmerge/ has uncommitted changes."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "blockmerge"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
+    """CPU, cores, RAM, kernel, library versions and blockmerge commit of this machine, and its load now."""
+    return {**pm.machine_description(), "load_average_at_start": os.getloadavg()}
 
 
 def can_drop_caches() -> bool:

@@ -237,17 +237,23 @@ def ensure_family(workdir: Path, family: Family, n_models: int, regenerate: bool
     folder = family_folder(workdir, family)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "base.safetensors"] + [folder / f"finetune-{i}.safetensors" for i in range(1, n_models + 1)]
+    spent = ensure(paths, family, regenerate, checkpoint_ok, generate_checkpoint, lambda p: p.stat().st_size)
+    return paths[0], paths[1:], spent
+
+
+def ensure(paths: list[Path], family: Family, regenerate: bool, ok: Any, generate: Any, size: Any) -> float:
+    """Generate each of `paths` (the base first, then fine-tune i) that `ok` does not accept; seconds spent."""
     spent = 0.0
     for i, path in enumerate(paths):
         role = "base" if i == 0 else f"finetune-{i}"
-        if not regenerate and checkpoint_ok(path, family, role):
-            print(f"  reuse {path} ({path.stat().st_size / MiB:.0f} MiB)", flush=True)
+        if not regenerate and ok(path, family, role):
+            print(f"  reuse {path} ({size(path) / MiB:.0f} MiB)", flush=True)
             continue
         t0 = time.perf_counter()
-        generate_checkpoint(path, family, i)
+        generate(path, family, i)
         spent += time.perf_counter() - t0
-        print(f"  wrote {path} ({path.stat().st_size / MiB:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
-    return paths[0], paths[1:], spent
+        print(f"  wrote {path} ({size(path) / MiB:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
+    return spent
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -338,17 +344,7 @@ def ensure_statistics(workdir: Path, family: Family, n_models: int, regenerate: 
     """Statistics stores of the base and fine-tunes, generating the missing ones; returns seconds spent."""
     folder = family_folder(workdir, family)
     paths = [folder / "stats-base"] + [folder / f"stats-finetune-{i}" for i in range(1, n_models + 1)]
-    spent = 0.0
-    for i, path in enumerate(paths):
-        role = "base" if i == 0 else f"finetune-{i}"
-        if not regenerate and statistics_ok(path, family, role):
-            print(f"  reuse {path} ({directory_bytes(path) / MiB:.0f} MiB)", flush=True)
-            continue
-        t0 = time.perf_counter()
-        generate_statistics(path, family, i)
-        spent += time.perf_counter() - t0
-        print(f"  wrote {path} ({directory_bytes(path) / MiB:.0f} MiB) in {time.perf_counter() - t0:.1f} s",
-              flush=True)
+    spent = ensure(paths, family, regenerate, statistics_ok, generate_statistics, directory_bytes)
     return paths[0], paths[1:], spent
 
 

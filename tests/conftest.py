@@ -40,3 +40,15 @@ def family(tmp_path: Path):
     base, models = make_family()
     base_path, model_paths = write_family(tmp_path, base, models)
     return base, models, base_path, model_paths
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A two-process Dask LocalCluster (one single-threaded worker each) and a client of it."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.CRITICAL) as c, Client(c, set_as_default=False) as client:
+        yield c, client

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_family, write_family
-from distributed import Client, LocalCluster
+from distributed import LocalCluster
 
 import blockmerge
 from blockmerge.cli import main
@@ -25,13 +25,6 @@ from blockmerge.errors import BlockmergeError
 from blockmerge.stats.store import write_statistics
 
 BLOCK = 1024  # bytes of inputs per block: about 25 blocks per merge
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.CRITICAL) as c, Client(c, set_as_default=False) as client:
-        yield c, client
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ counts (examples, tokens) exactly."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import dask
 import pytest
 import torch
 from click.testing import CliRunner
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import get_task_stream
 from hypothesis import given
 from hypothesis import strategies as st
 from test_stats_data import make_rows, tiny_model, tiny_tokenizer, write_jsonl
@@ -31,13 +30,6 @@ from blockmerge.stats.compute import compute
 from blockmerge.stats.data import TaskSpec
 
 TIMINGS = {"seconds", "peak_rss_bytes"}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.CRITICAL) as c, Client(c, set_as_default=False) as client:
-        yield c, client
 
 
 @pytest.fixture(scope="module")
