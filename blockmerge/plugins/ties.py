@@ -39,9 +39,9 @@ class Ties:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
 
 
-def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """int32 bit patterns of |x| in float32: ordered as the magnitudes are."""
-    return x.float().abs().contiguous().view(torch.int32)
+def task_vector_bits(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |model − base| in float32: ordered as the magnitudes are."""
+    return torch.sub(model, base, out=torch.empty_like(base, dtype=torch.float32)).abs_().view(torch.int32)
 
 
 def threshold_rank(numel: int, density: float) -> int:
@@ -71,13 +71,13 @@ def elect_and_merge(trimmed: list[torch.Tensor], majority_sign: int) -> torch.Te
     Written in float arithmetic only (no boolean masks, which are several times slower on the CPU):
     with γ = ±1, an entry agrees when t·γ > 0, and Σ relu(t·γ) is the agreeing entries' |sum|.
     """
-    total = trimmed[0].clone()
-    for t in trimmed[1:]:
+    total = torch.add(trimmed[0], trimmed[1]) if len(trimmed) > 1 else trimmed[0].clone()
+    for t in trimmed[2:]:
         total += t
-    elected = total.sign_().mul_(2.0).add_(majority_sign).sign_()  # sign(2·sign(Σ) + m): zeros take m
-    magnitude = torch.zeros_like(elected)
-    count = torch.zeros_like(elected)
-    for t in trimmed:
+    elected = total.sign_().add_(0.5 * majority_sign).sign_()  # sign(sign(Σ) + m/2): zeros take m
+    magnitude = torch.mul(trimmed[0], elected).relu_()
+    count = torch.sign(magnitude)
+    for t in trimmed[1:]:
         agreeing = torch.mul(t, elected).relu_()
         magnitude += agreeing
         count += agreeing.sign_()
@@ -123,7 +123,7 @@ def trim_passes(hp: Ties) -> list[Pass]:
         counts = torch.zeros(len(block.models), TOP_BINS, dtype=torch.int64, device=block.base.device)
         for models, base, _ in _slices(block):
             for row, m in zip(counts, models):
-                row += torch.bincount(magnitude_bits(m - base) >> 16, minlength=TOP_BINS)
+                row += torch.bincount(task_vector_bits(m, base).bitwise_right_shift_(16), minlength=TOP_BINS)
         return counts.cpu()
 
     def find_top(acc, hp: Ties, state: dict) -> dict:
@@ -143,7 +143,7 @@ def trim_passes(hp: Ties) -> list[Pass]:
                 if top is not None:
                     # low 16 bits of the values in the top bin, shifted by one; every other value lands in
                     # bin 0 or LOW_BINS + 1, which are dropped
-                    low = magnitude_bits(m - base).sub_(top[0] << 16).clamp_(-1, LOW_BINS).add_(1)
+                    low = task_vector_bits(m, base).sub_(top[0] << 16).clamp_(-1, LOW_BINS).add_(1)
                     row += torch.bincount(low, minlength=LOW_BINS + 2)[1:LOW_BINS + 1]
         return counts.cpu()
 
@@ -207,7 +207,7 @@ def _passes(hp: Ties, kinds: frozenset[str]) -> list[Pass]:
 def _merge(block: Block, hp: Ties, state: dict) -> torch.Tensor:
     majority = state["majority"][_group(block, hp.majority_sign)]
     merged = elect_and_merge(trimmed_task_vectors(block, hp, state), majority)
-    return block.base + merged * hp.scaling_factor
+    return merged.mul_(hp.scaling_factor).add_(block.base)
 
 
 METHOD = Method(name="ties", description=docstring_summary(__doc__), hyperparameters=Ties, merge=_merge,
