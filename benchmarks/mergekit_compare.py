@@ -3,10 +3,10 @@
 Builds a base and three fine-tunes (base + N(0, 2e-3²) deltas) of a Llama config in bfloat16, as
 sharded Hugging Face directories (`--scale 1`: hidden 1024, 8 layers, 16 heads / 8 KV heads, MLP
 4096, vocab 32000, untied head, ~191M parameters; `--scale 4`: hidden 2048, 10 layers, MLP 8192,
-~4x the parameters). It measures the disk's floor for each merge (the inputs read once and the
-output written and fsynced, page cache cold and warm), then runs each merge in a fresh process,
-blockmerge (`blockmerge merge`) and mergekit (`mergekit-yaml`, from its own virtual environment)
-alternately, A B A B, and records wall time, peak RSS (`/usr/bin/time`'s maximum resident set, and a
+~4x the parameters). It runs each merge in a fresh process, blockmerge (`blockmerge merge`) and
+mergekit (`mergekit-yaml`, from its own virtual environment) alternately, A B A B; before each
+blockmerge run it measures the disk's floor for that merge (the inputs read once and the output
+written and fsynced, page cache cold and warm), as the disk's speed drifts. It records wall time, peak RSS (`/usr/bin/time`'s maximum resident set, and a
 10 ms sampling of RssAnon/RssFile), bytes read and written. blockmerge's own figures (merge time
 without interpreter start-up, anonymous/file-backed peaks, bytes) come from the table
 `blockmerge merge` prints. Average and task arithmetic outputs of the two tools are compared
@@ -182,23 +182,26 @@ def write_file(path: Path, nbytes: int) -> float:
     return seconds
 
 
-def disk_floor(inputs: list[Path], out_bytes: int, scratch: Path, cold: bool, repeats: int) -> dict[str, float]:
-    """Median seconds to read `inputs` once and to write + fsync `out_bytes`, cold (caches dropped) and warm."""
-    floor: dict[str, float] = {}
+def disk_floor(inputs: list[Path], out_bytes: int, scratch: Path, cold: bool) -> dict[str, float]:
+    """Seconds to read `inputs` once and to write + fsync `out_bytes`, warm and (caches dropped) cold."""
     read_files(inputs)
-    warm = [read_files(inputs)[1] for _ in range(repeats)]
-    floor["read_warm_s"] = statistics.median(warm)
-    if cold:
-        colds = []
-        for _ in range(repeats):
-            drop_caches()
-            colds.append(read_files(inputs)[1])
-        floor["read_cold_s"] = statistics.median(colds)
-    floor["write_s"] = statistics.median(write_file(scratch / "floor-write.bin", out_bytes) for _ in range(repeats))
+    floor = {"read_warm_s": read_files(inputs)[1], "write_s": write_file(scratch / "floor-write.bin", out_bytes)}
     floor["warm_s"] = floor["read_warm_s"] + floor["write_s"]
     if cold:
+        drop_caches()
+        floor["read_cold_s"] = read_files(inputs)[1]
         floor["cold_s"] = floor["read_cold_s"] + floor["write_s"]
     return floor
+
+
+def median_floors(runs: list[Run]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per scale and method, the median of each figure of the floors taken beside its runs."""
+    floors: dict[str, dict[str, dict[str, float]]] = {}
+    for scale, method in sorted({(r.scale, r.method) for r in runs if r.floor}):
+        taken = [r.floor for r in runs if r.floor and (r.scale, r.method) == (scale, method)]
+        floors.setdefault(str(scale), {})[method] = {
+            key: statistics.median(f[key] for f in taken) for key in taken[0]} | {"measurements": len(taken)}
+    return floors
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -220,6 +223,7 @@ class Run:
     file_bytes: int | None = None
     read_bytes: int | None = None
     written_bytes: int | None = None
+    floor: dict[str, float] | None = None  # the disk floor measured just before this run (blockmerge runs)
 
 
 def sample_rss(pid: int, peaks: dict[str, int], stop: threading.Event) -> None:
@@ -366,11 +370,18 @@ def median(runs: list[Run], attr: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def paired_ratio(group: list[Run], attr: str, floor_key: str) -> float | None:
+    """Median over the runs of the run's figure ÷ the floor taken beside it."""
+    ratios = [getattr(r, attr) / r.floor[floor_key] for r in group
+              if r.floor and floor_key in r.floor and getattr(r, attr) is not None]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarise(runs: list[Run], floors: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
     rows = []
     keys = sorted({(r.scale, r.cache, r.method) for r in runs}, key=lambda k: (k[0], k[1], list(MERGES).index(k[2])))
     for scale, cache, method in keys:
-        floor = floors[str(scale)][method].get(f"{cache}_s")
+        floor = floors.get(str(scale), {}).get(method, {}).get(f"{cache}_s")
         mk = [r for r in runs if (r.scale, r.cache, r.method, r.tool) == (scale, cache, method, "mergekit")]
         for tool in TOOLS:
             group = [r for r in runs if (r.scale, r.cache, r.method, r.tool) == (scale, cache, method, tool)]
@@ -385,12 +396,10 @@ def summarise(runs: list[Run], floors: dict[str, dict[str, dict[str, float]]]) -
                    "sampled_anon_bytes": median(group, "sampled_anon_bytes"),
                    "sampled_file_bytes": median(group, "sampled_file_bytes"),
                    "read_bytes": median(group, "read_bytes"), "written_bytes": median(group, "written_bytes"),
-                   "floor_s": floor}
-            disk = floors[str(scale)][method].get("cold_s")
-            row["disk_floor_s"] = disk
-            row["wall_over_floor"] = wall / floor if floor else None
-            row["merge_over_floor"] = row["merge_s"] / floor if floor and row["merge_s"] else None
-            row["merge_over_disk_floor"] = row["merge_s"] / disk if disk and row["merge_s"] else None
+                   "floor_s": floor, "disk_floor_s": floors.get(str(scale), {}).get(method, {}).get("cold_s")}
+            row["wall_over_floor"] = paired_ratio(group, "wall_s", f"{cache}_s")
+            row["merge_over_floor"] = paired_ratio(group, "merge_s", f"{cache}_s")
+            row["merge_over_disk_floor"] = paired_ratio(group, "merge_s", "cold_s")
             if tool == "blockmerge" and mk:
                 row["time_vs_mergekit"] = wall / median(mk, "wall_s")
                 row["rss_vs_mergekit"] = row["maxrss_bytes"] / median(mk, "maxrss_bytes")
@@ -419,7 +428,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"scale {s}: {v['parameters'] / 1e6:.0f}M params, {v['inputs_bytes'] / GB:.2f} GB of inputs with base"
             for s, v in result["families"].items()) + ".", "",
         "Disk floor = the merge's input files read once + its output bytes written and fsynced, measured on this "
-        "machine just before the runs: " + "; ".join(
+        "machine just before each blockmerge run (medians): " + "; ".join(
             f"scale {s} {meth}: warm {fl['warm_s']:.2f} s" + (f", cold {fl['cold_s']:.2f} s" if "cold_s" in fl else "")
             for s, per in result["floors"].items() for meth, fl in per.items()) + ".", "",
         "Each cell is the median of the runs; each run is a fresh process (`blockmerge merge` / `mergekit-yaml`), "
@@ -428,7 +437,8 @@ def markdown(result: dict[str, Any]) -> str:
         "reports; anon / file: blockmerge's summary (sampled after each block) and, for mergekit, a 10 ms sampling "
         "of RssAnon / RssFile (mergekit maps its inputs, so their page cache counts as its file-backed RSS).", "",
         "*merge ÷ floor*: against the floor of the row's own cache state; *merge ÷ disk floor*: against the "
-        "disk's floor (inputs read cold), the time a merge bound by the disk would take.", "",
+        "disk's floor (inputs read cold), the time a merge bound by the disk would take; each the median over the "
+        "runs of the run's time ÷ the floor taken just before it.", "",
         "| scale | cache | method | tool | wall s | merge s | peak RSS MiB | anon / file MiB | read GB | written GB "
         "| wall ÷ floor | merge ÷ floor | merge ÷ disk floor | time ÷ mergekit | RSS ÷ mergekit |",
         "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -552,19 +562,17 @@ def main() -> None:
         result["families"][str(scale)] = {"parameters": parameter_count(dirs["base"]),
                                           "inputs_bytes": sum(p.stat().st_size for p in with_base)}
         out_bytes = sum(p.stat().st_size for p in weight_files(dirs["base"]))
-        result["floors"][str(scale)] = {}
-        for method in args.methods:
-            inputs = [p for role, d in dirs.items() if role != "base" or MERGES[method][3] for p in weight_files(d)]
-            fl = disk_floor(inputs, out_bytes, outs, "cold" in caches, repeats=max(1, min(3, args.repeats)))
-            result["floors"][str(scale)][method] = fl
-            print(f"  floor {method}: {fl}", flush=True)
         for cache in caches:
             for method in args.methods:
+                inputs = [p for role, d in dirs.items() if role != "base" or MERGES[method][3] for p in weight_files(d)]
                 for _ in range(args.repeats):
                     for tool in tools:
                         if tool == "mergekit" and args.mergekit_scales and scale not in args.mergekit_scales:
                             continue
+                        # the disk's speed drifts over minutes here: each run is compared with a floor taken beside it
+                        floor = disk_floor(inputs, out_bytes, outs, "cold" in caches) if tool == "blockmerge" else None
                         runs.append(one_run(tool, method, scale, dirs, outs / f"{tool}-{method}", cache, mergekit))
+                        runs[-1].floor = floor
         if mergekit and (not args.mergekit_scales or scale in args.mergekit_scales):
             for method in ("average", "task_arithmetic"):
                 if method in args.methods:
@@ -572,6 +580,7 @@ def main() -> None:
                     result["agreement"][f"scale {scale} {method}"] = a
                     print(f"  agreement {method}: {a}", flush=True)
     result["runs"] = [asdict(r) for r in runs]
+    result["floors"] = median_floors(runs)
     result["rows"] = summarise(runs, result["floors"])
     result["targets"] = targets(result["rows"])
     args.results.mkdir(parents=True, exist_ok=True)

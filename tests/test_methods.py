@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import blockmerge
-from blockmerge.plugins.dare import dare, keep_mask
+from blockmerge.plugins.dare import dare, keep_mask, masked_scale
 
 FLOATS = ["embed.weight", "layer.0.attn.weight", "layer.0.norm", "layer.1.mlp.weight", "head.bias"]
 
@@ -79,6 +79,15 @@ def test_dare_mask_rate_and_independence(drop_rate):
     assert abs(both - (1 - drop_rate) ** 2) < 0.01
     assert not torch.equal(keep_mask(8, "w", 0, 0, n, drop_rate), masks[0])
     assert not torch.equal(keep_mask(7, "v", 0, 0, n, drop_rate), masks[0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.booleans(), max_size=64),
+       st.floats(width=32, allow_nan=False, allow_infinity=False))
+def test_dare_masked_scale_is_the_scale_where_kept_and_zero_elsewhere(keep, scale):
+    got = masked_scale(torch.tensor(keep, dtype=torch.bool), scale)
+    assert got.dtype == torch.float32
+    assert [float(x) for x in got] == [float(np.float32(scale)) if k else 0.0 for k in keep]
 
 
 def test_dare_mask_is_keyed_by_element_index():
