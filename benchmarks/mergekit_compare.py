@@ -6,8 +6,9 @@ sharded Hugging Face directories (`--scale 1`: hidden 1024, 8 layers, 16 heads /
 ~4x the parameters). It runs each merge in a fresh process, blockmerge (`blockmerge merge`) and
 mergekit (`mergekit-yaml`, from its own virtual environment) alternately, A B A B; before each
 blockmerge run it measures the disk's floor for that merge (the inputs read once and the output
-written and fsynced, page cache cold and warm), as the disk's speed drifts. It records wall time, peak RSS (`/usr/bin/time`'s maximum resident set, and a
-10 ms sampling of RssAnon/RssFile), bytes read and written. blockmerge's own figures (merge time
+written and fsynced, page cache cold and warm), as the disk's speed drifts. It records wall time,
+peak RSS (`/usr/bin/time`'s maximum resident set, and a 10 ms sampling of RssAnon/RssFile), bytes
+read and written. blockmerge's own figures (merge time
 without interpreter start-up, anonymous/file-backed peaks, bytes) come from the table
 `blockmerge merge` prints. Average and task arithmetic outputs of the two tools are compared
 element by element. Results: benchmarks/results/mergekit_compare.{md,json,png}.

@@ -71,7 +71,13 @@ def print_summary(summaries: list[Summary]) -> None:
                       f"{s.peak_gpu_bytes / mib:.0f}", f"{s.bytes_read / mib:.1f}", f"{s.bytes_written / mib:.1f}",
                       str(s.blocks), str(s.passes), str(s.tensors_merged), str(s.tensors_copied),
                       str(s.tensors_averaged_missing_statistic))
-    Console(stderr=True, width=160).print(table)
+    console = Console(stderr=True, width=160)
+    console.print(table)
+    for s in summaries:
+        if s.pass_seconds:
+            passes = " + ".join(f"{t:.2f}" for t in s.pass_seconds)
+            merge = s.seconds - sum(s.pass_seconds)
+            console.print(f"{s.method}: reduction passes {passes} s, then the merge {merge:.2f} s")
 
 
 class _Commands(click.Group):

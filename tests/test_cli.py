@@ -55,6 +55,16 @@ def stores(tmp_path_factory):
     return tmp, base, models, [base_path, *model_paths], store_paths
 
 
+def test_cli_summary_gives_the_time_of_each_reduction_pass(stores):
+    tmp, _, _, files, _ = stores
+    models = [a for m in files[1:] for a in ("--model", str(m))]
+    ties = run("merge", "--method", "ties", "--base", str(files[0]), *models, "--out", str(tmp / "t.safetensors"))
+    line = next(x for x in ties.stderr.splitlines() if x.startswith("ties: reduction passes"))
+    assert len(line.split(" passes ")[1].split(" s,")[0].split(" + ")) == 3
+    average = run("merge", "--method", "average", *models, "--out", str(tmp / "a.safetensors"))
+    assert "│ average" in average.stderr and "reduction passes" not in average.stderr
+
+
 @pytest.mark.parametrize("method", list(SETTINGS))
 def test_cli_merges_safetensors_and_stores_to_the_specification(stores, method):
     tmp, base, models, files, store_paths = stores

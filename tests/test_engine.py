@@ -207,6 +207,9 @@ def test_summary_reports_what_the_merge_did(family, tmp_path):
     base, models, base_path, model_paths = family
     summary = blockmerge.merge("ties", model_paths, base=base_path, out=tmp_path / "o", block_size=512)
     assert summary.passes == 4  # two trim passes, the majority sign, the merge
+    assert len(summary.pass_seconds) == 3 and all(t > 0 for t in summary.pass_seconds)
+    assert sum(summary.pass_seconds) < summary.seconds
+    assert blockmerge.merge("average", model_paths, out=tmp_path / "a").pass_seconds == []
     assert summary.tensors_merged == 5 and summary.tensors_copied == 1
     total = sum(t.numel() * t.element_size() for t in base.values())
     assert summary.bytes_written == total

@@ -81,6 +81,7 @@ class Summary:
     bytes_written: int = 0
     blocks: int = 0
     passes: int = 0
+    pass_seconds: list[float] = field(default_factory=list)  # each reduction pass before the merge
     tensors_merged: int = 0
     tensors_copied: int = 0
     tensors_averaged_missing_statistic: int = 0
@@ -623,11 +624,12 @@ def _run_passes(engine: _Engine, refs: list[BlockRef], map_blocks: MapBlocks | N
     passes = job.method.passes(job.hyperparameters, engine.layout.used_kinds)
     merge_refs = [r for r in refs if r.action == "merge"]
     for i, p in enumerate(passes):
-        acc = None
+        started, acc = time.perf_counter(), None
         for block, partial in (map_blocks or _map_blocks)(engine, merge_refs, i, state, f"pass {i + 1}/{len(passes)}"):
             acc = p.fold(acc, partial, block)
             faults.point("pass")
         state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, state))
+        engine.summary.pass_seconds.append(time.perf_counter() - started)
     engine.summary.passes = len(passes) + 1
     return state
 
