@@ -219,5 +219,13 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def summed(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ of same-shaped tensors, in a new tensor."""
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total += t
+    return total
+
+
 def docstring_summary(module_doc: str | None) -> str:
     return (module_doc or "").strip().splitlines()[0] if module_doc else ""

@@ -39,7 +39,7 @@ import torch
 
 from ..errors import BlockmergeError
 from .average import average
-from .base import Block, Method, Needs, docstring_summary
+from .base import Block, Method, Needs, docstring_summary, summed
 from .cg import conjugate_gradient
 from .regmean import inverse_with_fallback, reduce_off_diagonal
 from .task_arithmetic import task_arithmetic
@@ -88,42 +88,35 @@ def _reduced(grams: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
     return grams if alpha == 1.0 else [reduce_off_diagonal(g, alpha) for g in grams]
 
 
-def _total(tensors: list[torch.Tensor]) -> torch.Tensor:
-    out = tensors[0].clone()
-    for t in tensors[1:]:
-        out += t
-    return out
-
-
 def _matrix_system(models: list[torch.Tensor], metrics: list[torch.Tensor], right: bool) -> System:
     """A v = (Σ M_t) v for vectors (right=False), or A W = W Σ M_t for weights (right=True)."""
-    total = _total(metrics)
+    total = summed(metrics)
     if right:
-        b = _total([w @ m for w, m in zip(models, metrics)])
+        b = summed([w @ m for w, m in zip(models, metrics)])
         return System(lambda w: w @ total, b, lambda: b @ inverse_with_fallback(total))
-    b = _total([m @ v for v, m in zip(models, metrics)])
+    b = summed([m @ v for v, m in zip(models, metrics)])
     return System(lambda v: total @ v, b, lambda: inverse_with_fallback(total) @ b)
 
 
 def _kfac_system(models: list[torch.Tensor], grams_in: list[torch.Tensor], grams_out: list[torch.Tensor]) -> System:
     def matvec(w: torch.Tensor) -> torch.Tensor:
-        return _total([o @ w @ i for i, o in zip(grams_in, grams_out)])
+        return summed([o @ w @ i for i, o in zip(grams_in, grams_out)])
 
-    b = _total([o @ w @ i for w, i, o in zip(models, grams_in, grams_out)])
+    b = summed([o @ w @ i for w, i, o in zip(models, grams_in, grams_out)])
 
     def direct() -> torch.Tensor:
         if b.numel() > DIRECT_KFAC_MAX_NUMEL:
             raise ValueError(f"solver=direct on the K-FAC objective inverts a [{b.numel()}, {b.numel()}] matrix "
                              f"(more than {DIRECT_KFAC_MAX_NUMEL} weights); use solver=cg")
-        kronecker = _total([torch.kron(o, i) for i, o in zip(grams_in, grams_out)])
+        kronecker = summed([torch.kron(o, i) for i, o in zip(grams_in, grams_out)])
         return (inverse_with_fallback(kronecker) @ b.reshape(-1)).reshape(b.shape)
 
     return System(matvec, b, direct)
 
 
 def _diagonal_system(models: list[torch.Tensor], fishers: list[torch.Tensor]) -> System:
-    total = _total(fishers)
-    b = _total([f * theta for f, theta in zip(fishers, models)])
+    total = summed(fishers)
+    b = summed([f * theta for f, theta in zip(fishers, models)])
     empty = total == 0
     return System(lambda x: total * x, b, lambda: b / torch.where(empty, 1.0, total), keep_x0=empty)
 

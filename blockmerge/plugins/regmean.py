@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BlockmergeError
-from .base import Block, Method, docstring_summary
+from .base import Block, Method, docstring_summary, summed
 
 ROW_CHUNK = 256
 _CACHE = "regmean.prepared"  # state entry: the Prepared of the parameter merged last
@@ -78,9 +78,7 @@ class Prepared:
 
 def prepare(grams: list[torch.Tensor], alpha: float) -> Prepared:
     """The Grams' diagonals and the (fallback) inverse of Σ_t G̃_t, with one matrix of workspace."""
-    total = grams[0].clone()
-    for g in grams[1:]:
-        total += g
+    total = summed(grams)
     diagonal = total.diagonal().clone()
     total.mul_(alpha).diagonal().copy_(diagonal)
     return Prepared(grams, [g.diagonal().clone() for g in grams], alpha, inverse_with_fallback(total))

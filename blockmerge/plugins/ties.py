@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Block, Method, Pass, docstring_summary
+from .base import Block, Method, Pass, docstring_summary, summed
 
 TOP_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit clear)
 LOW_BINS = 1 << 16
@@ -71,10 +71,7 @@ def elect_and_merge(trimmed: list[torch.Tensor], majority_sign: int) -> torch.Te
     Written in float arithmetic only (no boolean masks, which are several times slower on the CPU):
     with γ = ±1, an entry agrees when t·γ > 0, and Σ relu(t·γ) is the agreeing entries' |sum|.
     """
-    total = torch.add(trimmed[0], trimmed[1]) if len(trimmed) > 1 else trimmed[0].clone()
-    for t in trimmed[2:]:
-        total += t
-    elected = total.sign_().add_(0.5 * majority_sign).sign_()  # sign(sign(Σ) + m/2): zeros take m
+    elected = summed(trimmed).sign_().add_(0.5 * majority_sign).sign_()  # sign(sign(Σ) + m/2): zeros take m
     magnitude = torch.mul(trimmed[0], elected).relu_()
     count = torch.sign(magnitude)
     for t in trimmed[1:]:
@@ -181,10 +178,7 @@ def _majority_pass(hp: Ties) -> Pass:
         total = 0
         for models, base, given in _slices(block):
             trimmed = _trimmed(models, base, given, thresholds)
-            s = trimmed[0].clone()
-            for t in trimmed[1:]:
-                s += t
-            total += int(s.sign_().sum(dtype=torch.float64))
+            total += int(summed(trimmed).sign_().sum(dtype=torch.float64))
         return total
 
     def fold(acc, partial, block):
