@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _missing_realistic_data() -> list[str]:
+    path = REPO / "benchmarks" / "realistic" / "prerequisites.py"
+    spec = importlib.util.spec_from_file_location("prerequisites", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.missing()
+
+
+# What `needs(...)` markers may name, and how to list what of it is missing.
+PREREQUISITES = {
+    "git-lfs": lambda: [] if shutil.which("git-lfs") else ["git-lfs"],
+    "realistic-data": _missing_realistic_data,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"needs(*names): prerequisites outside Python ({', '.join(PREREQUISITES)})")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stop with one line, before any test runs, when a collected test needs something not installed."""
+    wanted = sorted({name for item in items for marker in item.iter_markers("needs") for name in marker.args})
+    missing = [piece for name in wanted for piece in PREREQUISITES[name]()]
+    if missing:
+        pytest.exit(f"not installed: {', '.join(missing)} (bash scripts/test.sh installs them)", returncode=3)
+
 
 SHAPES = {"embed.weight": (40, 16), "layer.0.attn.weight": (16, 16), "layer.0.norm": (16,),
           "layer.1.mlp.weight": (32, 16), "head.bias": (), "position_ids": (12,)}

@@ -29,6 +29,8 @@ from blockmerge.gittheta.revision import RevisionCheckpoint, TrackedCheckpoint
 from blockmerge.gittheta.writer import track_safetensors
 from blockmerge.plugins import get, parse_hyperparameters
 
+pytestmark = pytest.mark.needs("git-lfs")
+
 GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "tester", "GIT_AUTHOR_EMAIL": "t@example.com",
            "GIT_COMMITTER_NAME": "tester", "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_TERMINAL_PROMPT": "0"}
 SPECS = {"embed.weight": ((12, 8), torch.float32), "layer.0.attn.weight": ((8, 8), torch.bfloat16),

@@ -6,6 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,6 +14,8 @@ import blockmerge
 from blockmerge.engine.sources import open_statistics
 from blockmerge.gittheta.repo import Repo
 from blockmerge.gittheta.revision import RevisionCheckpoint
+
+pytestmark = pytest.mark.needs("git-lfs")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "git_theta_walkthrough.sh"
 

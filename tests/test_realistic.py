@@ -22,6 +22,8 @@ import pipeline  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 
+pytestmark = pytest.mark.needs("realistic-data")
+
 METHODS = ("average", "task_arithmetic", "dare", "ties", "fisher", "regmean", "mats", "ubgm")
 SETTINGS = pipeline.Settings(train=128, validation=32, test=64, max_length=32, steps=24, stat_examples=16,
                              scaling=(0.3, 0.6), regmean_alpha=(0.9,), mats_init=(0.3,), mats_iterations=3,

@@ -5,18 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 
-APT_PACKAGES=(fortunes fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-cs fortunes-eo fortunes-br wordnet-base)
-missing=()
-for package in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if ((${#missing[@]})); then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo=sudo
-    $sudo apt-get update
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
-fi
-
+mapfile -t apt_packages < benchmarks/realistic/apt-packages.txt
+bash scripts/system-packages.sh "${apt_packages[@]}"
 # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
 "$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install torch==2.13.0
 "$PYTHON" -c "import blockmerge" 2>/dev/null || "$PYTHON" -m pip install -e .
