@@ -32,7 +32,7 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     or mappings of name -> tensor. stats: per model, a statistics store path, a one-kind statistics
     `.safetensors` file (or its `REV:PATH`) or {kind: path or mapping}. out: None returns the merged
     tensors; a path writes there atomically (`.safetensors` file, or a directory in `format` store |
-    safetensors | hf) and returns the Summary. Hyperparameters use the canonical names of METHODS.md §16.
+    safetensors | hf) and returns the Summary. Hyperparameters use the canonical names of docs/methods.md §16.
     executor: `local`, or `dask` to run the blocks as tasks on the Dask cluster at `scheduler` (default
     $BLOCKMERGE_DASK_SCHEDULER, else a LocalCluster of this machine); inputs and `out` must then be
     paths every worker sees.
@@ -78,12 +78,13 @@ def methods() -> list[dict[str, Any]]:
 
 def convert(source: Checkpointish, out: str | os.PathLike, *, format: str | None = None, codec: str = "none",
             max_shard_size: int | str = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-            block_size: int | str = DEFAULT_BLOCK_BYTES, progress: bool = False) -> Summary:
-    """Copy a checkpoint bit-exactly into another format (store, safetensors, hf), block by block."""
+            block_size: int | str = DEFAULT_BLOCK_BYTES, progress: bool = False, label: str = "copy") -> Summary:
+    """Copy a checkpoint bit-exactly into another format (store, safetensors, hf), block by block; `label` names
+    the copy on its progress bar."""
     ckpt = open_checkpoint(source, "source")
     copier = get("average")
     job = Job(method=copier, hyperparameters=copier.hyperparameters(), common=Common(), models=[ckpt],
-              block_bytes=parse_size(block_size), progress=progress)
+              block_bytes=parse_size(block_size), progress=progress, label=label)
     layout = Layout(ckpt.specs, ckpt.specs, dict.fromkeys(ckpt.specs, "copy"), {}, frozenset())
     summary, _ = execute(job, layout, out, out_format=infer_format(out, format), codec=codec,
                          shard_bytes=parse_size(max_shard_size), overwrite=overwrite, files=ckpt.files)

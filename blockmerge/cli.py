@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 import yaml
-from rich.console import Console
 from rich.table import Table
 
 from . import api
+from .clitools import console, show_progress
 from .clitools import one_line_errors as _errors
 from .clitools import parse_pairs as _parse_pairs
 from .engine.plan import DEFAULT_BLOCK_BYTES
@@ -71,13 +71,15 @@ def print_summary(summaries: list[Summary]) -> None:
                       f"{s.peak_gpu_bytes / mib:.0f}", f"{s.bytes_read / mib:.1f}", f"{s.bytes_written / mib:.1f}",
                       str(s.blocks), str(s.passes), str(s.tensors_merged), str(s.tensors_copied),
                       str(s.tensors_averaged_missing_statistic))
-    console = Console(stderr=True, width=160)
-    console.print(table)
+    err = console(stderr=True)
+    err.print(table)
     for s in summaries:
         if s.pass_seconds:
             passes = " + ".join(f"{t:.2f}" for t in s.pass_seconds)
             merge = s.seconds - sum(s.pass_seconds)
-            console.print(f"{s.method}: reduction passes {passes} s, then the merge {merge:.2f} s")
+            err.print(f"{s.method}: reduction passes {passes} s, then the merge {merge:.2f} s")
+        if s.output:
+            err.print(f"{s.method}: written to {s.output}", highlight=False)
 
 
 class _Commands(click.Group):
@@ -165,7 +167,8 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, bl
         run = committing(message)
     summary = run(cfg["method"], cfg["models"], base=cfg.get("base"), stats=cfg["stats"] if given else None,
                   base_stats=cfg.get("base_stats"), out=cfg["out"], resume=resume, overwrite=overwrite,
-                  progress=not quiet, executor=executor, scheduler=scheduler, repo=repo, **options, **hyperparameters)
+                  progress=show_progress(quiet), executor=executor, scheduler=scheduler, repo=repo, **options,
+                  **hyperparameters)
     if not quiet:
         print_summary([summary])
 
@@ -188,18 +191,20 @@ def methods(as_json: bool) -> None:
                           + [f"{k} (optional)" for k in m["optional_statistics"]]
                           + [f"base {k}" for k in m["base_statistics"]])
         table.add_row(m["name"], hps, needs or "-", m["description"])
-    Console(width=160).print(table)
+    console().print(table)
+    click.echo("Formulas, every hyperparameter and the papers: docs/methods.md in blockmerge's source repository.")
 
 
 @main.command("import")
 @click.argument("source")
 @click.argument("store")
 @click.option("--codec", default="none", help="none, zstd, gzip or blosc.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @_errors
 def import_(source: str, store: str, codec: str, overwrite: bool) -> None:
     """Copy a checkpoint (safetensors, shards, .bin/.pt, HF directory) into a blockmerge store."""
-    summary = api.convert(source, store, format="store", codec=codec, overwrite=overwrite, progress=True)
+    summary = api.convert(source, store, format="store", codec=codec, overwrite=overwrite,
+                          progress=show_progress(), label="import")
     click.echo(f"imported {summary.blocks} blocks, {summary.bytes_written / 2**20:.1f} MiB into {summary.output}")
 
 
@@ -208,19 +213,21 @@ def import_(source: str, store: str, codec: str, overwrite: bool) -> None:
 @click.argument("out")
 @click.option("--format", type=click.Choice(["safetensors", "hf"]), default=None,
               help="safetensors (file or shards) or hf (shards + config/tokenizer files).")
-@click.option("--max-shard-size", default="5GiB")
-@click.option("--overwrite", is_flag=True)
+@click.option("--max-shard-size", default="5GiB", show_default=True,
+              help="Shard the safetensors output above this size.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @_errors
 def export(store: str, out: str, format: str | None, max_shard_size: str, overwrite: bool) -> None:
     """Copy a store (or any checkpoint) to safetensors or a Hugging Face directory."""
     fmt = format or ("safetensors" if out.endswith(".safetensors") else "hf")
-    summary = api.convert(store, out, format=fmt, max_shard_size=max_shard_size, overwrite=overwrite, progress=True)
+    summary = api.convert(store, out, format=fmt, max_shard_size=max_shard_size, overwrite=overwrite,
+                          progress=show_progress(), label="export")
     click.echo(f"exported {summary.bytes_written / 2**20:.1f} MiB to {summary.output}")
 
 
 @main.command()
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_errors
 def inspect(path: str, as_json: bool) -> None:
     """Names, shapes, dtypes and sizes of a checkpoint or store."""
@@ -233,7 +240,7 @@ def inspect(path: str, as_json: bool) -> None:
         table.add_column(col, justify="right" if col == "MiB" else "left")
     for name, t in info["tensors"].items():
         table.add_row(name, "×".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['bytes'] / 2**20:.2f}")
-    Console(width=160).print(table)
+    console().print(table)
     if info.get("kinds"):
         click.echo(f"kinds: {', '.join(info['kinds'])}")
 
@@ -249,16 +256,17 @@ def stats() -> None:
 @click.option("--density", default=0.2, show_default=True, type=float, help="Kept fraction K of the task vector.")
 @click.option("--out", "-o", required=True, help="Statistics store (directory) or FILE.safetensors (one kind).")
 @click.option("--block-size", default=None, help="Bytes of inputs per block.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @_errors
 def stats_trimmed(model: str, base: str, density: float, out: str, block_size: str | None, overwrite: bool) -> None:
-    """The task vector trimmed to its global top-DENSITY magnitudes (TIES's trim, METHODS.md §4.3)."""
+    """The task vector trimmed to its global top-DENSITY magnitudes (TIES's trim, docs/methods.md §4.3)."""
     from .gittheta.statsfile import statistics_output
     from .stats.trimmed import trimmed
 
     options = {"block_size": block_size} if block_size else {}
     with statistics_output(out, overwrite=overwrite) as target:
-        summary = trimmed(model, base, target, density=density, overwrite=overwrite, progress=True, **options)
+        summary = trimmed(model, base, target, density=density, overwrite=overwrite, progress=show_progress(),
+                          **options)
     click.echo(f"trimmed task vector of {model} written to {out} ({summary.seconds:.1f} s)")
 
 
@@ -267,20 +275,26 @@ def _task_options(fn):
         click.option("--model", required=True, help="Hugging Face model directory (config, weights, tokenizer)."),
         click.option("--data", help="Examples: JSON/JSONL/CSV/Parquet file(s) or a datasets directory."),
         click.option("--task", "task_file", help="Task file (YAML/JSON with the TaskSpec fields) instead of flags."),
-        click.option("--split", default="train", show_default=True),
-        click.option("--text-column", default="text", show_default=True),
-        click.option("--text-pair-column", default=None),
-        click.option("--label-column", default="label", show_default=True),
+        click.option("--split", default="train", show_default=True, help="Split of --data to read."),
+        click.option("--text-column", default="text", show_default=True, help="Column of the input text."),
+        click.option("--text-pair-column", default=None, help="Column of a second input text (sentence pairs)."),
+        click.option("--label-column", default="label", show_default=True, help="Column of the class label."),
         click.option("--target-column", default=None, help="Target text (seq2seq / causal LM)."),
-        click.option("--max-length", default=128, show_default=True, type=int),
+        click.option("--max-length", default=128, show_default=True, type=int,
+                     help="Tokens per example (longer inputs are truncated)."),
         click.option("--labels", default="empirical", show_default=True,
-                     type=click.Choice(["empirical", "sampled", "exact"])),
-        click.option("--num-examples", default=1000, show_default=True, type=int),
-        click.option("--batch-size", default=8, show_default=True, type=int),
-        click.option("--device", default="cpu", show_default=True),
-        click.option("--seed", default=0, show_default=True, type=int),
+                     type=click.Choice(["empirical", "sampled", "exact"]),
+                     help="y in log p(y|x): the data's label, one draw from the model, or every class weighted "
+                     "by its probability."),
+        click.option("--num-examples", default=1000, show_default=True, type=int,
+                     help="Examples read (the first ones of the split)."),
+        click.option("--batch-size", default=8, show_default=True, type=int,
+                     help="Examples per forward/backward pass (the statistic does not depend on it)."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of sampled labels."),
         click.option("--out", "-o", required=True, help="Statistics store (directory) or FILE.safetensors (one kind)."),
-        click.option("--overwrite", is_flag=True),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is "
+                     "complete)."),
         click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
                      help="Compute here, or as shards on a Dask cluster (model, data and --out on storage every "
                      "worker sees)."),
@@ -310,7 +324,7 @@ def _compute(statistic: str, model: str, data: str | None, task_file: str | None
     from .gittheta.statsfile import statistics_output
 
     with statistics_output(options.pop("out"), overwrite=options["overwrite"]) as target:
-        summary = compute(statistic, model, task, target, progress=True, **options)
+        summary = compute(statistic, model, task, target, progress=show_progress(), **options)
     click.echo(f"{', '.join(summary['kinds'])} of {model}: {summary['examples']} examples, {summary['tokens']} "
                f"tokens, {summary['seconds']:.1f} s, peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
 
@@ -320,7 +334,7 @@ def _compute(statistic: str, model: str, data: str | None, task_file: str | None
 @click.option("--parameters", default=None, help="Regex of parameter names (default: every trainable one).")
 @_errors
 def stats_fisher(**kwargs: Any) -> None:
-    """Diagonal Fisher: mean squared per-example gradient of log p(y|x) (METHODS.md §5.5)."""
+    """Diagonal Fisher: mean squared per-example gradient of log p(y|x) (docs/methods.md §5.5)."""
     _compute("fisher", **kwargs)
 
 
@@ -334,7 +348,7 @@ def stats_fisher(**kwargs: Any) -> None:
               help="Regex the Linear module names must match in full (default: every one), e.g. '(?!lm_head).*'.")
 @_errors
 def stats_gram(max_memory: str | None, **kwargs: Any) -> None:
-    """Gram matrices of every Linear layer's inputs and/or output gradients (METHODS.md §6.2, §7.5)."""
+    """Gram matrices of every Linear layer's inputs and/or output gradients (docs/methods.md §6.2, §7.5)."""
     _compute("gram", max_memory=parse_size(max_memory) if max_memory else None, **kwargs)
 
 
@@ -343,5 +357,5 @@ def stats_gram(max_memory: str | None, **kwargs: Any) -> None:
 @click.option("--parameters", required=True, help="Regex of the vector parameters (e.g. '.*ia3.*').")
 @_errors
 def stats_blockwise_fisher(**kwargs: Any) -> None:
-    """Per-vector Fisher blocks: mean outer product of per-example gradients (METHODS.md §5.5)."""
+    """Per-vector Fisher blocks: mean outer product of per-example gradients (docs/methods.md §5.5)."""
     _compute("blockwise_fisher", **kwargs)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,9 @@ from blockmerge.plugins.dare import keep_mask
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "blockmerge", *args], capture_output=True, text=True)
+    # os.environ, not the process's C environment: something in pytest's process exports COLUMNS=80 there.
+    result = subprocess.run([sys.executable, "-m", "blockmerge", *args], capture_output=True, text=True,
+                            env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     return result
 
@@ -92,3 +97,57 @@ def test_methods_command_lists_every_method_with_defaults():
     assert listed["ties"]["hyperparameters"]["density"]["default"] == 0.2
     assert listed["dare"]["hyperparameters"]["drop_rate"]["default"] == 0.9
     assert listed["task_arithmetic"]["needs_base"] is True
+    reference = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+    assert "docs/methods.md" in run("methods").stdout and reference.is_file()
+    sections = {number.rstrip(".") for number in re.findall(r"^#+ ([0-9.]+) ", reference.read_text(), re.MULTILINE)}
+    for m in listed.values():
+        cited = re.findall(r"docs/methods\.md ((?:§[0-9.]+(?:, )?)+)", m["description"])
+        assert cited, m["name"]
+        assert set(re.findall(r"§([0-9]+(?:\.[0-9]+)*)", cited[0])) <= sections, (m["name"], cited)
+
+
+def test_summary_into_a_log_says_where_the_output_went_without_carriage_returns(stores):
+    tmp, _, _, files, _ = stores
+    out = tmp / "log.safetensors"
+    models = [a for m in files[1:] for a in ("--model", str(m))]
+    result = run("merge", "--method", "average", *models, "--out", str(out))
+    assert "\r" not in result.stderr and "\r" not in result.stdout
+    assert f"average: written to {out}" in result.stderr.replace("\n", "")
+    widest = max(len(line) for line in result.stderr.splitlines())
+    assert 100 < widest <= 160
+
+
+def test_tables_take_the_width_given_by_columns(stores):
+    tmp, _, _, files, _ = stores
+    result = subprocess.run([sys.executable, "-m", "blockmerge", "inspect", str(files[0])], capture_output=True,
+                            text=True, env={**os.environ, "COLUMNS": "60"})
+    assert result.returncode == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 60
+
+
+def test_import_and_export_progress_is_labelled_with_what_they_do(stores, capsys):
+    from blockmerge.api import convert
+
+    tmp, _, _, files, _ = stores
+    convert(files[0], tmp / "labelled.store", format="store", progress=True, label="import")
+    assert "import:" in capsys.readouterr().err
+
+
+def test_every_command_line_option_has_help_text():
+    import click
+
+    from blockmerge.cli import main
+
+    context = click.Context(main)
+    undocumented = []
+
+    def walk(command: click.Command, path: str) -> None:
+        if isinstance(command, click.Group):
+            for name in command.list_commands(context):
+                walk(command.get_command(context, name), f"{path} {name}")
+            return
+        undocumented.extend(f"{path} {p.opts[-1]}" for p in command.params
+                            if isinstance(p, click.Option) and not p.help)
+
+    walk(main, "blockmerge")
+    assert not undocumented

@@ -1,4 +1,4 @@
-"""MaTS (METHODS.md §7, §16): conjugate gradient against SciPy, every objective against a numpy reference of the
+"""MaTS (docs/methods.md §7, §16): conjugate gradient against SciPy, every objective against a numpy reference of the
 whole system (Kronecker form for Linear weights), the direct solver, statistics handling, the CLI, properties."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Statistic methods end to end: fine-tune a real transformers classifier twice, compute statistics with
 `blockmerge stats`, merge with `blockmerge merge` and `blockmerge.merge`, and compare every tensor to the
-formulas of METHODS.md written out in float64 over statistics computed independently (batch-1 autograd)."""
+formulas of docs/methods.md written out in float64 over statistics computed independently (batch-1 autograd)."""
 
 from __future__ import annotations
 

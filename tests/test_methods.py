@@ -1,4 +1,4 @@
-"""Each method against a plainly written numpy reference (METHODS.md §1-4, §16), and properties."""
+"""Each method against a plainly written numpy reference (docs/methods.md §1-4, §16), and properties."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_average_uniform_and_weighted():
 
 
 def test_task_arithmetic_is_a_sum_of_task_vectors():
-    # METHODS.md ta-1: λ = 0.4, 3 models.
+    # docs/methods.md ta-1: λ = 0.4, 3 models.
     base, models = make_family(3)
     out = blockmerge.merge("task_arithmetic", models, base=base, scaling_factor=0.4)
     for n in FLOATS:
@@ -41,7 +41,7 @@ def test_task_arithmetic_is_a_sum_of_task_vectors():
 
 
 def test_dare_with_explicit_masks():
-    # METHODS.md dare-1: injected masks.
+    # docs/methods.md dare-1: injected masks.
     g = torch.Generator().manual_seed(1)
     base = torch.randn(5, 4, generator=g)
     models = [base + torch.randn(5, 4, generator=g) for _ in range(3)]

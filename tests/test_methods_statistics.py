@@ -1,4 +1,4 @@
-"""Methods that read statistics (METHODS.md §5 Fisher, §6.1 RegMean, §8 UBGM, §16) against plainly written
+"""Methods that read statistics (docs/methods.md §5 Fisher, §6.1 RegMean, §8 UBGM, §16) against plainly written
 numpy references, and properties."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Diagonal / blockwise Fisher (blockmerge.stats.fisher) against plain autograd references (METHODS.md §5.5)."""
+"""Diagonal / blockwise Fisher (blockmerge.stats.fisher) against plain autograd references (docs/methods.md §5.5)."""
 
 from __future__ import annotations
 

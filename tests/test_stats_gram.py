@@ -1,4 +1,5 @@
-"""Input / output-gradient Gram matrices (blockmerge.stats.gram) against hooks written here (METHODS.md §6.2, §7.5)."""
+"""Input / output-gradient Gram matrices (blockmerge.stats.gram) against hooks written here
+(docs/methods.md §6.2, §7.5)."""
 
 from __future__ import annotations
 

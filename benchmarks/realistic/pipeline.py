@@ -75,7 +75,7 @@ class Settings:
     ubgm_delta0: tuple[float, ...] = (1e-12, 1e-5)
 
     def methods(self) -> dict[str, Method]:
-        """Every method of METHODS.md §16 with the grid of its main hyperparameter(s)."""
+        """Every method of docs/methods.md §16 with the grid of its main hyperparameter(s)."""
         return {
             "average": Method({}),
             "task_arithmetic": Method({"scaling_factor": list(self.scaling)}),

@@ -4,7 +4,7 @@
 
 For each seed: build the four tasks (data.py), fine-tune all-MiniLM-L6-v2 on each (finetune.py), compute
 each model's diagonal Fisher and Gram statistics (``blockmerge.stats.compute.compute``, as ``blockmerge
-stats``), then for every method of METHODS.md §16 sweep its main hyperparameter on validation
+stats``), then for every method of docs/methods.md §16 sweep its main hyperparameter on validation
 (``blockmerge.eval.sweep``), merge the chosen candidate again in a fresh process (time, peak RSS) and score it
 on test with each task's own head. Everything is kept under ``--work`` and reused when its settings match, so
 a second run only redoes what changed. Jobs run in ``--jobs`` processes of ``--threads`` threads each.

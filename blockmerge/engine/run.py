@@ -65,6 +65,7 @@ class Job:
     compute_dtype: str = "float32"
     block_bytes: int = 32 * 1024 * 1024
     progress: bool = False
+    label: str | None = None  # the progress bar's label (default: the method's name)
 
 
 @dataclass
@@ -657,7 +658,7 @@ def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict
     """
     with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-write") as writer:
         previous = None
-        for raw in engine.blocks(refs, engine.job.method.name):
+        for raw in engine.blocks(refs, engine.job.label or engine.job.method.name):
             ref = raw.ref
             key = (ref.name, ref.start, ref.stop)
             if key in done:

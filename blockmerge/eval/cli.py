@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from ..clitools import one_line_errors, parse_pairs
+from ..clitools import console, one_line_errors, parse_pairs, show_progress
 from ..engine.sinks import FORMATS
 from ..errors import BlockmergeError
 from .evaluate import evaluate
@@ -47,7 +46,7 @@ def print_evaluation(result: dict[str, Any], title: str | None = None) -> None:
         table.add_row(name, str(r["examples"]), *(_number(r["metrics"].get(m)) for m in metrics), _number(r["score"]),
                       end_section=name == list(tasks)[-1])
     table.add_row("mean", "", *([""] * len(metrics)), _number(result["score"]))
-    Console(width=160).print(table)
+    console().print(table)
 
 
 def print_sweep(result: dict[str, Any]) -> None:
@@ -63,7 +62,7 @@ def print_sweep(result: dict[str, Any]) -> None:
         table.add_row("*" if i == result["best"]["index"] else str(i),
                       *(_value(row["hyperparameters"][n]) for n in names),
                       *(_number(row["tasks"][t]["score"]) for t in tasks), _number(row["score"]))
-    Console(width=160).print(table)
+    console().print(table)
     best = result["best"]
     chosen = ", ".join(f"{n}={_value(v)}" for n, v in best["hyperparameters"].items())
     if best["report"] is not None:
@@ -88,7 +87,8 @@ def _value(value: Any) -> str:
 @click.option("--split", default="test", show_default=True, help="Split of every task to evaluate on.")
 @click.option("--config", help="Directory whose config.json gives the architecture (default: the task's config or "
                                "head directory, else CHECKPOINT).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Examples per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", help="Evaluate in this dtype: float32, bfloat16, float16 (default: float32).")
 @click.option("--json-out", help="Also write the results as JSON to this file.")
@@ -98,7 +98,7 @@ def eval_command(checkpoint: str, tasks: tuple[str, ...], split: str, config: st
                  device: str, dtype: str | None, json_out: str | None, quiet: bool) -> None:
     """Evaluate CHECKPOINT (safetensors, HF directory, store) on tasks: metrics per task and their mean."""
     result = evaluate(checkpoint, list(tasks), split=split, config=config, batch_size=batch_size, device=device,
-                      dtype=dtype, progress=not quiet)
+                      dtype=dtype, progress=show_progress(quiet))
     if json_out:
         write_json(json_out, result)
     print_evaluation(result)
@@ -122,7 +122,8 @@ def _merge_options(fn):
         click.option("--format", type=click.Choice(FORMATS), help="Output format (default: from --out)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output."),
         click.option("--json-out", help="Write every candidate's results as JSON to this file."),
-        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+                     help="Examples per forward pass."),
         click.option("--device", default="cpu", show_default=True, help="Where blocks are merged and models run."),
         click.option("--block-size", help="Bytes of inputs per merge block."),
         click.option("--dtype", help="Output dtype of merged tensors (default: the models')."),
@@ -148,7 +149,7 @@ def _sweep_arguments(models: tuple[str, ...], stats: tuple[str, ...], sets: tupl
     if block_size is not None:
         options["block_size"] = block_size
     return {"models": list(models), "tasks": list(tasks), "stats": per_model if stats else None,
-            "report_split": None if report_split.lower() == "none" else report_split, "progress": not quiet,
+            "report_split": None if report_split.lower() == "none" else report_split, "progress": show_progress(quiet),
             **options, **parse_pairs(sets, "--set")}
 
 
@@ -181,6 +182,6 @@ def sweep_command(method: str, grids: tuple[str, ...], json_out: str | None, **f
 @one_line_errors
 def search_command(method: str, num_samples: int | None, grid_points: int | None, seed: int, json_out: str | None,
                    **flags: Any) -> None:
-    """Search the per-model weights of a merge (Fisher coefficients, METHODS.md §5.1) on the selection split."""
+    """Search the per-model weights of a merge (Fisher coefficients, docs/methods.md §5.1) on the selection split."""
     _finish(search(method=method, num_samples=num_samples, grid_points=grid_points, seed=seed,
                    **_sweep_arguments(**flags)), json_out)

@@ -7,7 +7,7 @@ Classification (the class predicted is the argmax of the logits):
   that occurs among the labels or the predictions (a gold class never predicted counts with F1 = 0).
 
 Sequence-to-sequence and causal LM, over the target tokens of each example (padding never counts; for a causal LM
-the logits at position ``l`` predict token ``l + 1`` and only the target's tokens count, METHODS.md §9):
+the logits at position ``l`` predict token ``l + 1`` and only the target's tokens count, docs/methods.md §9):
 
 * ``exact_match``: the fraction of examples whose every target token is the argmax given the target tokens before
   it (teacher forcing) — exactly the examples that greedy decoding reproduces token for token (the EOS token

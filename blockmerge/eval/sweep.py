@@ -1,6 +1,6 @@
 """Hyperparameter selection: merge every candidate of a grid through the public merge API, score it on a
-validation split, keep the best and report it on a test split (METHODS.md §11); Fisher coefficient search
-(METHODS.md §5.1) is the same loop over per-model ``weights``."""
+validation split, keep the best and report it on a test split (docs/methods.md §11); Fisher coefficient search
+(docs/methods.md §5.1) is the same loop over per-model ``weights``."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def sweep(method: str, models: Sequence[Any], tasks: Iterable[Task | str | os.Pa
 def search(models: Sequence[Any], tasks: Iterable[Task | str | os.PathLike | Mapping[str, Any]], *,
            method: str = "fisher", num_samples: int | None = None, grid_points: int | None = None, seed: int = 0,
            **options: Any) -> dict[str, Any]:
-    """Per-model ``weights`` of ``method`` searched as in FISHER (METHODS.md §5.1): ``num_samples`` draws from
+    """Per-model ``weights`` of ``method`` searched as in FISHER (docs/methods.md §5.1): ``num_samples`` draws from
     Dirichlet(1, ..., 1) (seeded), or the simplex grid of ``grid_points`` points per axis (default, for two
     models only: FISHER's 51-point pairwise grid); each candidate scored by :func:`sweep` (``options`` are its
     keyword arguments). The result is sweep's, with ``"search": {"mode", "num_samples" | "grid_points", "seed"}``.

@@ -1,4 +1,4 @@
-"""Simple average (Wortsman et al. 2022, "Model soups"; METHODS.md §1).
+"""Simple average (Wortsman et al. 2022, "Model soups"; docs/methods.md §1).
 
     θ* = Σ_t w_t θ_t,   w_t = 1/T, or the given weights normalised to sum to one.
 """

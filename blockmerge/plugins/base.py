@@ -111,7 +111,7 @@ MissingStatistic = Literal["average", "error"]
 
 @dataclass(frozen=True)
 class Common:
-    """Options every method takes (METHODS.md §16)."""
+    """Options every method takes (docs/methods.md §16)."""
 
     exclude: tuple[str, ...] = ()
     missing_statistic: MissingStatistic = "average"
@@ -228,4 +228,5 @@ def summed(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def docstring_summary(module_doc: str | None) -> str:
-    return (module_doc or "").strip().splitlines()[0] if module_doc else ""
+    """The first paragraph of a docstring, as one line."""
+    return " ".join((module_doc or "").strip().split("\n\n")[0].split())

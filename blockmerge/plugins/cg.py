@@ -1,4 +1,4 @@
-"""Conjugate gradient for a symmetric positive semi-definite operator, with SciPy ≥ 1.12's rules (METHODS.md §7.3).
+"""Conjugate gradient for a symmetric positive semi-definite operator, with SciPy ≥ 1.12's rules (docs/methods.md §7.3).
 
 Solves A x = b where `matvec(x) = A x` maps a tensor to one of the same shape; tensors of any shape
 are vectors, their inner product the sum of elementwise products. As `scipy.sparse.linalg.cg` with

@@ -1,4 +1,4 @@
-"""DARE: drop and rescale task vectors (Yu et al. 2024, "Language Models are Super Mario"; METHODS.md §3).
+"""DARE: drop and rescale task vectors (Yu et al. 2024, "Language Models are Super Mario"; docs/methods.md §3).
 
     θ* = θ_0 + λ Σ_t m_t ⊙ (θ_t − θ_0) / (1 − p),   m_t,j ~ Bernoulli(1 − p)
 

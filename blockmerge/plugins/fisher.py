@@ -1,4 +1,5 @@
-"""Diagonal Fisher merging (Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging"; METHODS.md §5, §16).
+"""Diagonal Fisher merging (Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging";
+docs/methods.md §5, §16).
 
     θ* = Σ_t c_t F̃_t ⊙ θ_t / Σ_t c_t F̃_t          (elementwise)
 

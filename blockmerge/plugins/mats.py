@@ -1,4 +1,4 @@
-"""MaTS (Tam et al. 2024, "Merging by Matching Models in Task Parameter Subspaces", TMLR; METHODS.md §7, §16).
+"""MaTS (Tam et al. 2024, "Merging by Matching Models in Task Parameter Subspaces", TMLR; docs/methods.md §7, §16).
 
 Each merged tensor solves the linear system A x = b, A = Σ_t A_t and b = Σ_t A_t θ_t, with A_t the
 symmetric PSD metric of model t that `objective` names; `alpha` scales off-diagonal entries of every

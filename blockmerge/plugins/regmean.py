@@ -1,4 +1,5 @@
-"""RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models"; METHODS.md §6.1, §16).
+"""RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language
+Models"; docs/methods.md §6.1, §16).
 
 For an nn.Linear weight W_t [out, in] with input Gram G_t [in, in] (`gram_in`):
 
@@ -48,7 +49,7 @@ def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
     """The inverse; for a singular matrix, the inverse of the sub-matrix of indices whose row sum is not 0,
-    written into a copy of the matrix (METHODS.md §6.1). Raises ValueError if that is singular too."""
+    written into a copy of the matrix (docs/methods.md §6.1). Raises ValueError if that is singular too."""
     inverse, info = torch.linalg.inv_ex(matrix)
     if int(info) == 0:
         return inverse

@@ -1,4 +1,4 @@
-"""Task arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic"; METHODS.md §2).
+"""Task arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic"; docs/methods.md §2).
 
     θ* = θ_0 + λ Σ_t (θ_t − θ_0)         (a sum of task vectors, as in every official code)
 """

@@ -1,4 +1,4 @@
-"""TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models"; METHODS.md §4, §16).
+"""TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models"; docs/methods.md §4, §16).
 
     τ_t = θ_t − θ_0;   τ̂_t = τ_t where |τ_t| ≥ thr_t, else 0      (trim: keep int(d·K)+1 entries and ties)
     γ_j = sign(Σ_t τ̂_t,j), zeros filled with the majority sign sign(Σ_j γ_j) (0 → +1)

@@ -1,4 +1,4 @@
-"""Uncertainty-based gradient matching (Daheim et al. 2024, UBGM; METHODS.md §8, §16).
+"""Uncertainty-based gradient matching (Daheim et al. 2024, UBGM; docs/methods.md §8, §16).
 
 Paper: "Model Merging by Uncertainty-Based Gradient Matching" (ICLR 2024).
 

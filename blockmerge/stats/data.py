@@ -1,4 +1,4 @@
-"""Examples for statistics: a small task format, loading, and padded batches (METHODS.md §5.5, §6.2, §9).
+"""Examples for statistics: a small task format, loading, and padded batches (docs/methods.md §5.5, §6.2, §9).
 
 A task is a :class:`TaskSpec`: where the examples are, which split, and which columns hold the input text,
 the optional second text, the class label (classification) or the target text (sequence-to-sequence and
@@ -22,10 +22,10 @@ holding a ``DatasetDict`` must contain that split.
 
 * classification: ``labels`` ``[B]`` (and ``token_type_ids`` when the tokenizer returns them);
 * seq2seq: ``labels`` ``[B, T']`` with padding set to -100 and ``decoder_attention_mask`` ``[B, T']``
-  (1 on target tokens, the target mask of METHODS.md §6.2);
+  (1 on target tokens, the target mask of docs/methods.md §6.2);
 * causal LM: ``input_ids`` = prompt followed by the target (and the tokenizer's EOS token, as a
   fine-tune on prompt → answer sees it) and ``target_mask`` ``[B, T]`` marking the target tokens, the
-  only ones the loss counts (METHODS.md §9).
+  only ones the loss counts (docs/methods.md §9).
 
 Batch size changes nothing but speed: the statistics are per example (batch-size-1 semantics).
 """

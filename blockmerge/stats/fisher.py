@@ -1,4 +1,4 @@
-"""Diagonal and blockwise Fisher information of a model over examples (METHODS.md §5.5, §9, §16).
+"""Diagonal and blockwise Fisher information of a model over examples (docs/methods.md §5.5, §9, §16).
 
 Diagonal Fisher (kind ``fisher``), one tensor per parameter, the parameter's shape::
 
@@ -294,7 +294,7 @@ def _num_classes(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str)
 def fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, labels: str = "empirical",
            seed: int = 0, device: str | torch.device = "cpu", progress: bool = False, parameters: str | None = None,
            max_new_tokens: int = 64, vectorize: bool = True, sums: bool = False) -> Statistics:
-    """Diagonal Fisher ``(1/N) Σ_n g_n²`` of every selected parameter (METHODS.md §5.5; kind ``fisher``).
+    """Diagonal Fisher ``(1/N) Σ_n g_n²`` of every selected parameter (docs/methods.md §5.5; kind ``fisher``).
 
     ``batches`` are those of :func:`blockmerge.stats.data.batches`; ``labels`` is ``empirical``, ``sampled``
     (seeded per example by ``seed``; generative models sample at most ``max_new_tokens`` tokens) or ``exact``
@@ -313,7 +313,7 @@ def blockwise_fisher(model: nn.Module, batches: Iterable[Mapping[str, torch.Tens
                      progress: bool = False, max_new_tokens: int = 64, vectorize: bool = True,
                      sums: bool = False) -> Statistics:
     """Blockwise Fisher ``(1/N) Σ_n g_n g_nᵀ`` ``[n, n]`` of each vector parameter matching the regex
-    ``parameters`` (IA³ scalings; MaTS ``compute_blockwiseFisher``, METHODS.md §5.5; kind ``blockwise_fisher``).
+    ``parameters`` (IA³ scalings; MaTS ``compute_blockwiseFisher``, docs/methods.md §5.5; kind ``blockwise_fisher``).
 
     Every matching parameter must be 1-D. Other arguments as :func:`fisher`.
     """

@@ -1,4 +1,4 @@
-"""Input and output-gradient Gram matrices of every ``nn.Linear`` (METHODS.md §6.2, §7.5, §9, §16).
+"""Input and output-gradient Gram matrices of every ``nn.Linear`` (docs/methods.md §6.2, §7.5, §9, §16).
 
 For a Linear module with weight ``W[out, in]``, stored under ``"<module name>.weight"``:
 

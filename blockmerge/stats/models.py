@@ -1,6 +1,6 @@
-"""Model kinds, per-example log-likelihoods and label sampling for statistics (METHODS.md §5.5, §9).
+"""Model kinds, per-example log-likelihoods and label sampling for statistics (docs/methods.md §5.5, §9).
 
-``log p(y|x)`` of one example (METHODS.md §9):
+``log p(y|x)`` of one example (docs/methods.md §9):
 
 * classification: ``log_softmax(logits)[y]``;
 * seq2seq and causal LM: minus the mean over the target tokens of the token cross-entropy,
@@ -251,7 +251,7 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 @torch.no_grad()
 def sample_labels(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str, *, seed: int,
                   max_new_tokens: int = 64, offset: int = 0) -> dict[str, torch.Tensor]:
-    """Replace the batch's labels/targets by one draw per example from the model (METHODS.md §5.5, §9).
+    """Replace the batch's labels/targets by one draw per example from the model (docs/methods.md §5.5, §9).
 
     Classification: a class drawn from ``softmax(logits)`` by inverse CDF with a uniform from a generator
     seeded by (seed, example index). Seq2seq / causal LM: ``generate(do_sample=True, max_new_tokens=...)``

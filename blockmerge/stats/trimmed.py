@@ -1,4 +1,4 @@
-"""The `trimmed` statistic: a model's task vector trimmed to its global top-`density` magnitudes (METHODS.md §4.3).
+"""The `trimmed` statistic: a model's task vector trimmed to its global top-`density` magnitudes (docs/methods.md §4.3).
 
     τ̂ = τ where |τ| ≥ thr, else 0;   τ = θ − θ_0 over every float tensor; thr keeps int(d·K)+1 entries plus ties
 
