@@ -73,10 +73,20 @@ class _FiguresReport:
         for key in [*FIGURE_ORDER, *sorted(set(FIGURES) - set(FIGURE_ORDER))]:
             if FIGURES.get(key):
                 terminalreporter.write_line(f"{key}: {FIGURES[key]}")
-        failed = len(terminalreporter.stats.get("failed", []))
-        errors = len(terminalreporter.stats.get("error", []))
-        verdict = "every check passed" if not failed and not errors else f"{failed} failed, {errors} errors"
-        terminalreporter.write_line(f"wrong output bytes / writes outside OUT asserted zero in every case: {verdict}")
+        ours = {outcome: len(_in_this_folder(terminalreporter, outcome)) for outcome in ("passed", "failed", "error")}
+        verdict = ("every check passed" if not ours["failed"] and not ours["error"]
+                   else f"{ours['failed']} failed, {ours['error']} errors")
+        terminalreporter.write_line(f"wrong output bytes / writes outside OUT asserted zero in every case of the "
+                                    f"{sum(ours.values())} fault-suite tests run: {verdict}")
+
+
+def _in_this_folder(terminalreporter, outcome: str) -> list:
+    """The session's test reports of `outcome` that come from this folder's tests (not others run with them)."""
+    folder = Path(__file__).resolve().parent
+    root = terminalreporter.config.rootpath
+    return [r for r in terminalreporter.stats.get(outcome, [])
+            if getattr(r, "when", "call") in ("call", "setup") and (root / r.location[0]).resolve().parent == folder
+            and (outcome != "passed" or r.when == "call")]
 
 
 @pytest.fixture(scope="session", autouse=True)
