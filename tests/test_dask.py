@@ -16,6 +16,8 @@ import torch
 from click.testing import CliRunner
 from conftest import make_family, write_family
 from distributed import LocalCluster
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import blockmerge
 from blockmerge.cli import main
@@ -189,3 +191,57 @@ def test_a_scheduler_without_workers_is_one_line(tmp_path, inputs):
             blockmerge.merge("average", inputs["models"], out=tmp_path / "o", executor="dask",
                              scheduler=empty.scheduler_address)
     assert list(tmp_path.iterdir()) == []
+
+
+# Tensors over one slice of SLICE_ELEMENTS (several per block), small ones, and a vector.
+LARGE_SHAPES = {"embed.weight": (1100, 256), "layer.0.q.weight": (256, 256), "layer.0.norm.weight": (256,),
+                "head.weight": (48, 256)}
+METHOD_OPTIONS = {"dare": {"drop_rate": 0.5, "seed": 7}, "ties": {"density": 0.2},
+                  "fisher": {"normalize_fishers": True}, "regmean": {"alpha": 0.8},
+                  "mats": {"objective": "regmean", "num_iterations": 10}, "ubgm": {"delta0": 1e-3}}
+
+
+def hard_family(root: Path, seed: int, step: float, cancelled: float) -> dict:
+    """Base and 3 fine-tunes whose task vectors are multiples of `step` (ties at every magnitude threshold), the
+    second model's the negation of the first's on a `cancelled` fraction of entries (sign votes that cancel), with
+    Fishers and input Grams of every model and the base."""
+    g = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(s, generator=g) for n, s in LARGE_SHAPES.items()}
+    taus = [{n: (0.02 * torch.randn(s, generator=g) / step).round() * step for n, s in LARGE_SHAPES.items()}
+            for _ in range(3)]
+    for n, t in taus[1].items():
+        flip = torch.rand(t.shape, generator=g) < cancelled
+        t[flip] = -taus[0][n][flip]
+    models = [{n: base[n] + t[n] for n in base} for t in taus]
+    base_path, model_paths = write_family(root, base, models)
+
+    def stats(path: Path) -> Path:
+        fisher = {n: torch.rand(s, generator=g) for n, s in LARGE_SHAPES.items()}
+        grams = {}
+        for n, s in LARGE_SHAPES.items():
+            if len(s) == 2:
+                x = torch.randn(2 * s[1], s[1], generator=g)
+                grams[n] = x.T @ x / len(x)
+        return write_statistics({"fisher": fisher, "gram_in": grams}, path, {})
+
+    return {"base": base_path, "models": model_paths, "stats": [stats(root / f"stats{i}") for i in range(3)],
+            "base_stats": stats(root / "base-stats")}
+
+
+@settings(max_examples=3, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), step=st.sampled_from([2.0**-8, 2.0**-6]), cancelled=st.sampled_from([0.1, 0.5]))
+def test_dask_equals_local_for_every_method_on_families_with_ties_and_cancellations(tmp_path_factory, cluster, seed,
+                                                                                     step, cancelled):
+    root = tmp_path_factory.mktemp("hard")
+    family = hard_family(root, seed, step, cancelled)
+    for method in [m["name"] for m in blockmerge.methods()]:
+        options = {"models": family["models"], "base": family["base"], "stats": family["stats"],
+                   "base_stats": family["base_stats"], **METHOD_OPTIONS.get(method, {})}
+        out = root / method
+        out.mkdir()
+        local = blockmerge.merge(method, out=out / "local.safetensors", **options)
+        remote = blockmerge.merge(method, out=out / "dask.safetensors", executor="dask",
+                                  scheduler=cluster[0].scheduler_address, **options)
+        assert tree(out / "local.safetensors") == tree(out / "dask.safetensors"), method
+        same_summary(local, remote)

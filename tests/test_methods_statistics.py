@@ -482,3 +482,33 @@ def test_block_size_does_not_change_the_bytes(shapes, linears, num_models, seed,
         for n in whole:
             assert whole[n].dtype == small[n].dtype == kwargs["models"][0][n].dtype
             assert torch.equal(whole[n].view(-1).view(torch.uint8), small[n].view(-1).view(torch.uint8)), (method, n)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("regmean", {"alpha": 0.7}),
+    ("mats", {"objective": "regmean", "num_iterations": 15}),
+    ("mats", {"objective": "regmean", "solver": "direct"}),
+])
+def test_statistic_merges_give_the_same_bits_on_any_number_of_threads(method, options):
+    """LAPACK factorizations and reductions split their work by torch's thread count; merges must not."""
+    g = torch.Generator().manual_seed(5)
+    shapes = {"a.weight": (300, 256), "b.weight": (128, 320)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    models = [{n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()} for _ in range(3)]
+    stats = []
+    for _ in models:
+        grams = {}
+        for n, (_, width) in shapes.items():
+            x = torch.randn(2 * width, width, generator=g)
+            grams[n] = x.T @ x / len(x)
+        stats.append({"gram_in": grams})
+    before = torch.get_num_threads()
+    merged = {}
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            merged[threads] = blockmerge.merge(method, models=models, base=base, stats=stats, **options)
+    finally:
+        torch.set_num_threads(before)
+    for name in shapes:
+        assert torch.equal(merged[1][name], merged[4][name]), name

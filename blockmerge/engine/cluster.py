@@ -112,10 +112,10 @@ def _worker_engine(spec: _Spec) -> _Engine:
     return _Engine(_opened[spec.token], spec.layout)
 
 
-def _pass_task(spec: _Spec, refs: list[BlockRef], index: int, state: dict) -> tuple[list, int]:
+def _pass_task(spec: _Spec, refs: list[BlockRef], index: int, state: dict) -> tuple[list[tuple[Block, Any]], int]:
+    """Each block's (or slice's) partial of pass `index` with its rows, in plan order; the bytes read."""
     engine = _worker_engine(spec)
-    partials = [partial for _, partial in _map_blocks(engine, refs, index, state, "")]
-    return partials, engine.summary.bytes_read
+    return list(_map_blocks(engine, refs, index, state, "")), engine.summary.bytes_read
 
 
 def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reopen_sink: Callable[[], Sink],
@@ -202,7 +202,8 @@ class DaskExecutor:
 
     def map_blocks(self, engine: _Engine, refs: list[BlockRef], index: int, state: dict, desc: str
                    ) -> Iterator[tuple[Block, Any]]:
-        """Each block (its name, rows and shape; no tensors) and its partial result of pass `index`, in plan order."""
+        """Each block or slice (its name, rows and shape; no tensors) and its partial result of pass `index`, in plan
+        order: what the local executor folds, in the same order."""
         spec = self._spec(engine)
         groups = _by_tensor(refs)
         futures = [self.client.submit(_pass_task, spec, g, index, state, pure=False) for g in groups]
@@ -212,8 +213,7 @@ class DaskExecutor:
                 partials, bytes_read = task_result(future)
                 engine.summary.bytes_read += bytes_read
                 bar.update(_input_bytes(engine, group))
-                for ref, partial in zip(group, partials):
-                    yield Block(ref.name, ref.start, ref.stop, engine.layout.specs[ref.name].shape, []), partial
+                yield from partials
         finally:
             bar.close()
             self.client.cancel(futures)

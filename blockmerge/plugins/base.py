@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -225,6 +226,21 @@ def summed(tensors: list[torch.Tensor]) -> torch.Tensor:
     for t in tensors[1:]:
         total += t
     return total
+
+
+@contextlib.contextmanager
+def thread_count_independent() -> Iterator[None]:
+    """Torch runs this thread's operations on one thread inside: reductions (sums, dot products) and LAPACK
+    factorizations split their work by the thread count, so their multi-threaded bits depend on the machine."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def docstring_summary(module_doc: str | None) -> str:

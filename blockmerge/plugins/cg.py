@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import thread_count_independent
+
 RTOL = 1e-5
 
 
@@ -37,11 +39,13 @@ class CGResult:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+    with thread_count_independent():
+        return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _norm(a: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a))
+    with thread_count_independent():
+        return float(torch.linalg.vector_norm(a))
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BlockmergeError
-from .base import Block, Method, docstring_summary, summed
+from .base import Block, Method, docstring_summary, summed, thread_count_independent
 
 ROW_CHUNK = 256
 _CACHE = "regmean.prepared"  # state entry: the Prepared of the parameter merged last
@@ -49,7 +49,13 @@ def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
     """The inverse; for a singular matrix, the inverse of the sub-matrix of indices whose row sum is not 0,
-    written into a copy of the matrix (docs/methods.md §6.1). Raises ValueError if that is singular too."""
+    written into a copy of the matrix (docs/methods.md §6.1). Raises ValueError if that is singular too.
+    The same bits on any number of threads."""
+    with thread_count_independent():
+        return _inverse_with_fallback(matrix)
+
+
+def _inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
     inverse, info = torch.linalg.inv_ex(matrix)
     if int(info) == 0:
         return inverse
