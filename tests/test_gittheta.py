@@ -293,3 +293,58 @@ def test_a_missing_or_corrupt_lfs_object_is_a_clear_error(repo_copy):
         ckpt.tensor("embed.weight")
     with pytest.raises(BlockmergeError, match=r"parameter 'layer.0.norm': Git LFS object \w+ is corrupt"):
         ckpt.tensor("layer.0.norm")
+
+
+@pytest.mark.parametrize("checkpoint_type", ["safetensors", "blockmerge-safetensors"])
+def test_git_thetas_own_checkpoint_setting_still_gives_files_safetensors_and_transformers_read(
+        isolated, tmp_path, checkpoint_type):
+    """git-theta's docs tell safetensors users to export GIT_THETA_CHECKPOINT_TYPE=safetensors: with it exported for
+    every git command, a two-branch merge through the prompt-free driver leaves a checkout that loads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {"GIT_THETA_CHECKPOINT_TYPE": checkpoint_type}
+    git(repo, "init", "-q", "-b", "main")
+    install(repo)
+    (repo / ".gitattributes").write_text("*.safetensors filter=theta merge=theta diff=theta\n")
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(repo)
+    git(repo, "add", ".", env=env)
+    git(repo, "commit", "-q", "-m", "base", env=env)
+    base = load_file(repo / "model.safetensors")
+    tuned = {}
+    for branch, seed in (("task-a", 1), ("task-b", 2)):
+        git(repo, "checkout", "-q", "-b", branch, "main", env=env)
+        g = torch.Generator().manual_seed(seed)
+        tuned[branch] = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+        save_file(tuned[branch], repo / "model.safetensors")  # no header metadata, as safetensors writes it
+        git(repo, "commit", "-q", "-am", branch, env=env)
+    result = git(repo, "merge", "--no-edit", "task-a", check=False, env={**env, "BLOCKMERGE_METHOD": "average"})
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    expected = blockmerge.merge("average", models=[tuned["task-b"], tuned["task-a"]])
+    assert_same(load_file(repo / "model.safetensors"), expected)
+    model = LlamaForCausalLM.from_pretrained(repo)
+    assert_same({n: p.detach() for n, p in model.state_dict().items() if n in expected}, expected)
+    assert git(repo, "status", "--porcelain", env=env).stdout == b""
+
+
+def test_checkpoint_types_of_other_formats_apply_to_other_files_and_are_not_merged(repo_copy, monkeypatch):
+    from blockmerge.gittheta.filter import check_checkpoint_type, checkpoint_type
+
+    repo = repo_copy[0]
+    for configured in (None, "safetensors", "pytorch", "tensorflow", "blockmerge-pytorch"):
+        assert checkpoint_type("dir/model.safetensors", configured) == "blockmerge-safetensors"
+        assert checkpoint_type("pytorch_model.bin", configured) == "blockmerge-pytorch"
+    assert checkpoint_type("weights.ckpt", "safetensors") == "blockmerge-safetensors"
+    assert checkpoint_type("weights.msgpack", "flax") == "flax"
+    monkeypatch.setenv("GIT_THETA_CHECKPOINT_TYPE", "flax")
+    check_checkpoint_type("model.safetensors")
+    with pytest.raises(BlockmergeError, match="GIT_THETA_CHECKPOINT_TYPE=flax: blockmerge merges safetensors"):
+        check_checkpoint_type("weights.msgpack")
+    installed = subprocess.run([sys.executable, "-m", "blockmerge.gittheta", "install"], cwd=repo,
+                               capture_output=True, text=True)
+    assert installed.returncode == 0
+    assert installed.stderr.startswith("blockmerge: note: GIT_THETA_CHECKPOINT_TYPE=flax applies only to files")

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import BlockmergeError
+from .filter import foreign_type_note
 from .install import install
 
 
@@ -21,6 +22,9 @@ def main() -> None:
         print(f"blockmerge: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"blockmerge: {repo.root} uses blockmerge's git-theta filter, merge driver and merge-message hook")
+    note = foreign_type_note()
+    if note:
+        print(f"blockmerge: note: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .. import api
 from ..engine.safetensors_io import SafetensorsFile
 from ..errors import BlockmergeError
 from ..plugins import get, parse_hyperparameters
+from .filter import check_checkpoint_type
 from .repo import Repo
 from .revision import RevisionCheckpoint, TrackedCheckpoint, statistics_path
 from .writer import track_safetensors
@@ -124,6 +125,7 @@ def merge_in_progress(repo: Repo, path: str, ancestor: bytes, current: bytes, ot
 
     The method, hyperparameters and inputs are left as trailers for the merge commit's message.
     """
+    check_checkpoint_type(path)
     ours = repo.commit_of("HEAD")
     other_name, theirs = environment_commit(repo)
     bases = repo.git("merge-base", "--all", ours, theirs).decode().split()
