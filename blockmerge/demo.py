@@ -89,7 +89,7 @@ PLANS: dict[str, Plan] = {
     "ties": Plan(grid={"density": (0.2, 0.5, 0.8), "scaling_factor": (0.7, 1.0)}),
     "dare": Plan(grid={"drop_rate": (0.1, 0.3, 0.5, 0.7, 0.9)}, inherit={"scaling_factor": "task_arithmetic"}),
     "fisher": Plan(weights=True, stats="fisher"),
-    "regmean": Plan(grid={"alpha": (0.1, 0.5, 0.9)}, stats="gram"),
+    "regmean": Plan(grid={"alpha": (0.01, 0.1, 0.5, 0.9)}, stats="gram"),
     "mats": Plan(grid={"alpha": (0.1, 0.5, 0.9)}, fixed={"objective": "blockwise_fisher"}, stats="kfac"),
     "ubgm": Plan(grid={"scaling_factor": SCALES}, stats="fisher", base_stats="fisher"),
 }
@@ -429,7 +429,7 @@ def print_table(rows: list[dict[str, Any]], console: Console | None = None) -> N
 def _caption(rows: list[dict[str, Any]]) -> str:
     merges = [r for r in rows if r["kind"] == "merge"]
     lines = ["valid.: mean validation accuracy of the chosen merge; merges: the candidates scored and the final "
-             "one; time (s): all of them, evaluation included."]
+             "one; time (s): making and scoring them."]
     grids = [f"{r['model']} " + " × ".join(_grid(name, values, r["sweep"].get("search"))
                                           for name, values in r["sweep"]["grid"].items())
              for r in merges if r["sweep"] is not None]
@@ -440,13 +440,14 @@ def _caption(rows: list[dict[str, Any]]) -> str:
                                           for hp, v in r["fixed"].items()) for r in merges if r["fixed"]]
     if fixed:
         lines.append("fixed: " + "; ".join(fixed) + ".")
-    examples = {r["stats_examples"] for r in merges if r["stats_examples"]}
-    if examples:
-        notes = [s.note for s in STATISTICS.values() if s.note and any(r["statistics"] and s.kinds in r["statistics"]
-                                                                        for r in merges)]
-        lines.append(f"statistics: `blockmerge stats` of each fine-tune over {max(examples)} sequences of its task's "
-                     "train split, of the base over as many from every task's; " + "; ".join(
-                         [*notes, "parameters without the statistic a method reads are averaged."]))
+    read = {kinds for r in merges if r["statistics"] for kinds in r["statistics"].split(" + ")}
+    if read:
+        examples = max(r["stats_examples"] for r in merges if r["statistics"])
+        base = " (of the base: as many from every task's)" if any(k.startswith("base ") for k in read) else ""
+        notes = [f"`blockmerge stats` of each fine-tune over {examples} sequences of its task's train split{base}"]
+        notes += [s.note for s in STATISTICS.values() if s.note and s.kinds in read]
+        lines.append("statistics: " + "; ".join([*notes, "a parameter without the statistic a method reads is "
+                                                 "averaged."]))
     return "\n".join(lines)
 
 
