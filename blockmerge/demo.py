@@ -263,16 +263,15 @@ def _row(name: str, kind: str, path: Path, tasks: list[Task]) -> dict[str, Any]:
 def plans() -> dict[str, Plan | None]:
     """The plan of every registered method: PLANS' (in its order), then any other method at its defaults with the
     statistics it declares if the demo computes them (fisher, gram_in; the base's fisher), else None."""
+    stores = {frozenset(): None, frozenset({"fisher"}): "fisher", frozenset({"gram_in"}): "gram"}
     registered = {info["name"]: info for info in api.methods()}
     out: dict[str, Plan | None] = {name: plan for name, plan in PLANS.items() if name in registered}
     for name, info in registered.items():
         if name in PLANS:
             continue
-        kinds, base_kinds = set(info["statistics"]), set(info["base_statistics"])
-        stats = {frozenset(): None, frozenset({"fisher"}): "fisher", frozenset({"gram_in"}): "gram"}.get(
-            frozenset(kinds), "?")
-        supported = stats != "?" and base_kinds <= {"fisher"}
-        out[name] = Plan(stats=stats, base_stats="fisher" if base_kinds else None) if supported else None
+        kinds, base_kinds = frozenset(info["statistics"]), set(info["base_statistics"])
+        supported = kinds in stores and base_kinds <= {"fisher"}
+        out[name] = Plan(stats=stores[kinds], base_stats="fisher" if base_kinds else None) if supported else None
     return out
 
 
@@ -347,8 +346,9 @@ def _run(workdir: Path, num_models: int, seed: int, progress: bool, steps: int) 
         start = time.perf_counter()
         if log:
             searched = ("per-model weights" if plan.weights else
-                        ", ".join(f"{k} in {list(v)}" for k, v in plan.grid.items()) or "nothing searched")
-            log(f"{name}: {searched}" + (f" ({_text(fixed)})" if fixed else ""))
+                        ", ".join(f"{k} in {list(v)}" for k, v in plan.grid.items()))
+            log(f"{name}: " + (f"searching {searched} on validation" if searched else "merged once")
+                + (f" ({_text(fixed)})" if fixed else ""))
         if plan.weights:
             points = num_models + 1  # the simplex grid through uniform weights
             size = math.comb(points - 1 + num_models - 1, num_models - 1)
