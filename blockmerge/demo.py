@@ -35,7 +35,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from . import api
+from . import api, clitools
 from .eval import Task, evaluate, search, sweep
 from .stats.compute import compute
 
@@ -423,7 +423,7 @@ def print_table(rows: list[dict[str, Any]], console: Console | None = None) -> N
         table.add_row(r["model"], *settings, *(f"{a:.3f}" for a in r["accuracy"]),
                       f"{r['mean']:.3f}", _fmt(r["validation"], ".3f"), _fmt(r["merges"], "d"),
                       _fmt(r["seconds"], ".1f"), end_section=last_of_kind)
-    (console or Console(width=160)).print(table)
+    (console or clitools.console()).print(table)
 
 
 def _caption(rows: list[dict[str, Any]]) -> str:
