@@ -196,3 +196,28 @@ def test_cli_subprocess_merges_and_prints_a_summary(family, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert out.exists() and "fisher" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("objective,method,statistic,options,closed_options", [
+    ("regmean", "regmean", "gram", {"alpha": 0.9}, {}),
+    ("diagonal_fisher", "fisher", "fisher", {}, {"fisher_floor": 1e-30}),  # MaTS floors no Fisher
+])
+def test_mats_run_to_convergence_is_the_closed_form_of_its_objective(family, reference, objective, method,
+                                                                     statistic, options, closed_options):
+    """MaTS's objectives are RegMean's and Fisher merging's quadratics: conjugate gradient run to convergence
+    lands on their closed forms (real statistics of two fine-tunes). Where every Fisher is 0, MaTS keeps its
+    starting point and Fisher merging averages: those entries are left out."""
+    tmp, dirs, _ = family
+    stats = [tmp / f"{statistic}1", tmp / f"{statistic}2"]
+    closed = blockmerge.merge(method, [dirs[1], dirs[2]], stats=stats, compute_dtype="float64", **options,
+                              **closed_options)
+    solved = blockmerge.merge("mats", [dirs[1], dirs[2]], base=dirs[0], stats=stats, objective=objective,
+                              num_iterations=10_000, solve_dtype="float64", rtol=1e-12, **options)
+    assert set(solved) == set(closed)
+    for name, want in closed.items():
+        informed = torch.ones(want.shape, dtype=torch.bool)
+        if objective == "diagonal_fisher" and name in reference[1]["fisher"]:
+            informed = torch.from_numpy(reference[1]["fisher"][name] + reference[2]["fisher"][name] > 0)
+        scale = float(want.abs().max()) or 1.0
+        difference = (solved[name] - want)[informed].abs()
+        assert not difference.numel() or float(difference.max()) / scale < 1e-5, (name, float(difference.max()), scale)

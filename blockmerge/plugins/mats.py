@@ -16,8 +16,8 @@ averaged by the engine; in `diagonal_fisher`, coordinates where Σ_t F_t = 0 kee
 `blockwise_fisher` a weight with `gram_in` but no `gram_out` is an error (statistics computed as MaTS
 give `lm_head` no `gram_out`: exclude it, or merge it with another objective).
 
-`solver=cg` runs conjugate gradient with SciPy ≥ 1.12's rules (rtol 1e-5 of ‖b‖, atol 0, ‖b‖ = 0 → 0;
-:mod:`blockmerge.plugins.cg`) for at most `num_iterations` iterations from x0 = `initialization`:
+`solver=cg` runs conjugate gradient with SciPy ≥ 1.12's rules (stop once ‖r‖ < `rtol`·‖b‖, atol 0,
+‖b‖ = 0 → 0; :mod:`blockmerge.plugins.cg`) for at most `num_iterations` iterations from x0 = `initialization`:
 `task_arithmetic` θ_0 + `init_scaling_factor` · Σ_t (θ_t − θ_0), `average`, `base` θ_0, or `zeros`.
 `solver=direct` solves the same system exactly: the explicit inverse with RegMean's singular fallback
 (§6.1: a feature dead in every model gives 0) for every matrix objective, the K-FAC one through its
@@ -25,7 +25,8 @@ Kronecker form vec_row(B W G) = (B ⊗ G) vec_row(W). Arithmetic is in `solve_dt
 reports the iterations, ‖b − A x0‖ and ‖b − A x‖ of the returned x.
 
 Defaults (§16): objective `blockwise_fisher`, alpha 1.0, num_iterations 100, initialization
-`task_arithmetic`, init_scaling_factor 0.3.
+`task_arithmetic`, init_scaling_factor 0.3; `rtol` 1e-5 is SciPy's default, which the official code runs with
+(a smaller one runs CG to the closed form of ill-conditioned systems).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from ..errors import BlockmergeError
 from .average import average
 from .base import Block, Method, Needs, docstring_summary, summed
-from .cg import conjugate_gradient
+from .cg import RTOL, conjugate_gradient
 from .regmean import inverse_with_fallback, reduce_off_diagonal
 from .task_arithmetic import task_arithmetic
 
@@ -66,8 +67,11 @@ class Mats:
     init_scaling_factor: float = 0.3
     solver: Literal["cg", "direct"] = "cg"
     solve_dtype: Literal["float32", "float64"] = "float32"
+    rtol: float = RTOL
 
     def __post_init__(self):
+        if not self.rtol >= 0.0:
+            raise ValueError(f"rtol must be non-negative, got {self.rtol}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.num_iterations < 0:
@@ -155,7 +159,7 @@ def mats(block: Block, hp: Mats) -> tuple[torch.Tensor, dict]:
     problem = system(hp.objective, hp.alpha, models, stats)
     x0 = initial(hp, models, block.base.to(dtype) if block.base is not None else None)
     if hp.solver == "cg":
-        result = conjugate_gradient(problem.matvec, problem.b, x0, maxiter=hp.num_iterations)
+        result = conjugate_gradient(problem.matvec, problem.b, x0, maxiter=hp.num_iterations, rtol=hp.rtol)
         x, iterations = result.x, result.iterations
         initial_residual, final_residual = result.initial_residual, result.final_residual
     else:
