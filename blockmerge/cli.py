@@ -260,7 +260,7 @@ def stats() -> None:
 @_errors
 def stats_trimmed(model: str, base: str, density: float, out: str, block_size: str | None, overwrite: bool) -> None:
     """The task vector trimmed to its global top-DENSITY magnitudes (TIES's trim, docs/methods.md §4.3)."""
-    from .gittheta.statsfile import statistics_output
+    from .engine.statsfile import statistics_output
     from .stats.trimmed import trimmed
 
     options = {"block_size": block_size} if block_size else {}
@@ -321,7 +321,7 @@ def _compute(statistic: str, model: str, data: str | None, task_file: str | None
                         label_column=label_column, target_column=target_column, max_length=max_length)
     else:
         raise BlockmergeError("pass --data (with column options) or --task")
-    from .gittheta.statsfile import statistics_output
+    from .engine.statsfile import statistics_output
 
     with statistics_output(options.pop("out"), overwrite=options["overwrite"]) as target:
         summary = compute(statistic, model, task, target, progress=show_progress(), **options)

@@ -254,7 +254,7 @@ def open_statistics(source: object, label: str, repo: str | os.PathLike | None =
     """Statistics of one model, by kind: a store holding statistic kinds, a one-kind `.safetensors` file (on
     disk or `REV:PATH` in the git-theta repository `repo`), or {kind: path or mapping}."""
     if _is_revision(source) or isinstance(source, (str, os.PathLike)) and str(source).endswith(".safetensors"):
-        from ..gittheta.statsfile import open_statistics_file
+        from .statsfile import open_statistics_file
 
         return open_statistics_file(source, repo)
     if isinstance(source, (str, os.PathLike)):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path, PurePosixPath
 
+from ..engine.statsfile import STATISTIC_KINDS
 from ..errors import BlockmergeError
 from .config import merge_settings
 from .repo import Repo
-from .statsfile import STATISTIC_KINDS
 from .threeway import merge_in_progress
 
 STATISTIC_FILES = {f"{kind}.safetensors" for kind in STATISTIC_KINDS}

@@ -1,9 +1,10 @@
 """Statistics of models over data (Fisher, Gram matrices, trimmed task vectors), written to the store."""
 
-from .compute import compute, load_model
+from .compute import compute
 from .data import TaskSpec, batches, load_task
 from .fisher import Statistics, blockwise_fisher, fisher
 from .gram import gram
+from .shard import load_model
 from .store import StatisticsWriter, write_statistics
 from .trimmed import trimmed
 

@@ -31,9 +31,9 @@ from ..engine.cluster import connect, disconnect, task_result
 from ..engine.store import StoreReader
 from ..engine.tensors import tensor_bytes
 from ..errors import BlockmergeError
-from .compute import Request, positive_int, write_shard
 from .data import load_task
 from .fisher import mean
+from .shard import Request, positive_int, write_shard
 from .store import StatisticsWriter
 
 

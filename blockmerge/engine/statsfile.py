@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from ..engine.output import Output
-from ..engine.safetensors_io import SafetensorsFile, SafetensorsWriter
-from ..engine.sources import Checkpoint, SafetensorsCheckpoint
-from ..engine.store import KINDS, StoreReader
 from ..errors import BlockmergeError
+from .output import Output
+from .safetensors_io import SafetensorsFile, SafetensorsWriter
+from .sources import Checkpoint, SafetensorsCheckpoint
+from .store import KINDS, StoreReader
 
 KIND_KEY = "blockmerge_statistic"
 STATISTIC_KINDS = tuple(k for k in KINDS if k != "param")
