@@ -27,7 +27,7 @@ from blockmerge.gittheta.parameters import decode, encode, lsh_signature
 from blockmerge.gittheta.repo import Repo
 from blockmerge.gittheta.revision import RevisionCheckpoint, TrackedCheckpoint
 from blockmerge.gittheta.writer import track_safetensors
-from blockmerge.plugins import get, parse_hyperparameters
+from blockmerge.plugins import get, parse_hyperparameters, registry
 
 pytestmark = pytest.mark.needs("git-lfs")
 
@@ -159,12 +159,12 @@ def test_revisions_read_without_checkout_and_merge_like_in_memory(family_repo, m
         blockmerge.merge("average", models=["nope:model.safetensors"], repo=repo)
 
 
-@pytest.mark.parametrize("method", ["average", "task_arithmetic", "dare", "ties", "fisher", "regmean", "ubgm",
-                                    "mats"])
+@pytest.mark.parametrize("method", sorted(registry()))
 def test_each_git_theta_plugin_merges_like_blockmerge(repo_copy, monkeypatch, method):
     """git-theta's merge tool calls a plugin per parameter; every parameter equals blockmerge.merge's."""
     from git_theta import metadata
-    from git_theta.merges import all_merge_handlers
+
+    from blockmerge.gittheta.merges import menu
 
     repo, base, models, stats = repo_copy
     settings = {"mats": {"objective": "diagonal_fisher", "num_iterations": "20"}}.get(method, {})
@@ -174,7 +174,7 @@ def test_each_git_theta_plugin_merges_like_blockmerge(repo_copy, monkeypatch, me
     monkeypatch.setenv(f"GITHEAD_{theirs}", "task-b")
     flat = {rev: metadata.Metadata.from_metadata_dict(json.loads(git(repo, "show", f"{rev}:model.safetensors").stdout))
             .flatten() for rev in ("task-a", "task-b", "main")}
-    plugin = all_merge_handlers()[f"blockmerge-{method}"]()
+    plugin = menu()[f"blockmerge-{method}"]()
     merged = {keys: plugin(keys, flat["task-a"][keys], flat["task-b"][keys], flat["main"][keys], flat["task-a"],
                            flat["task-b"], flat["main"], {}, {}, {}, "model.safetensors")
               for keys in flat["task-a"]}
@@ -348,3 +348,26 @@ def test_checkpoint_types_of_other_formats_apply_to_other_files_and_are_not_merg
                                capture_output=True, text=True)
     assert installed.returncode == 0
     assert installed.stderr.startswith("blockmerge: note: GIT_THETA_CHECKPOINT_TYPE=flax applies only to files")
+
+
+def test_the_merge_menu_lists_every_registered_method_beside_git_thetas_own(tmp_path, monkeypatch):
+    """A method another package registers appears in git-theta's menu with no edit of blockmerge."""
+    from blockmerge import plugins
+    from blockmerge.gittheta.merges import menu
+
+    info = tmp_path / "third_party-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: third-party\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[blockmerge.methods]\nnegated = third_party_negated:METHOD\n")
+    (tmp_path / "third_party_negated.py").write_text(
+        "import dataclasses\nfrom blockmerge.plugins.average import METHOD as AVERAGE\n"
+        "METHOD = dataclasses.replace(AVERAGE, name='negated')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.registry.cache_clear()
+    try:
+        listed = menu()
+    finally:
+        monkeypatch.undo()
+        plugins.registry.cache_clear()
+    assert {f"blockmerge-{name}" for name in [*registry(), "negated"]} <= set(listed)
+    assert {"take_us", "take_them", "context"} <= set(listed)  # git-theta's own plugins stay

@@ -26,8 +26,12 @@ def run(ancestor: str, current: str, other: str, path: str) -> int:
     repo = Repo(".")
     method, hyperparameters = merge_settings(repo)
     if method is None:
+        from git_theta import merges
         from git_theta.scripts import git_theta_merge
 
+        from .merges import menu
+
+        merges.all_merge_handlers = menu  # the menu git_theta_merge shows: git-theta's plugins and blockmerge's
         sys.argv = ["git-theta-merge", ancestor, current, other, path]
         return git_theta_merge.main() or 0
     if PurePosixPath(path).name in STATISTIC_FILES:

@@ -1,4 +1,5 @@
-"""git-theta merge plugins (entry-point group `git_theta.plugins.merges`): blockmerge's methods in git-theta's menu.
+"""blockmerge's methods in git-theta's interactive merge menu: one `blockmerge-<method>` entry per registered
+method (`menu`), added to git-theta's own plugins when blockmerge's merge driver opens the menu.
 
 Choosing `blockmerge-ties` for a parameter merges the whole checkpoint once with TIES (ours and theirs as
 the models, the merge base as `base`, statistics at the same revisions) and takes that parameter from the
@@ -64,11 +65,10 @@ def _plugin(method: str) -> type:
     })
 
 
-Average = _plugin("average")
-TaskArithmetic = _plugin("task_arithmetic")
-Dare = _plugin("dare")
-Ties = _plugin("ties")
-Fisher = _plugin("fisher")
-Regmean = _plugin("regmean")
-Mats = _plugin("mats")
-Ubgm = _plugin("ubgm")
+def menu() -> dict[str, type]:
+    """git-theta's merge plugins and a `blockmerge-<method>` plugin for every registered method."""
+    from git_theta.merges.base import all_merge_handlers
+
+    from ..plugins import registry
+
+    return {**all_merge_handlers(), **{f"blockmerge-{name}": _plugin(name) for name in sorted(registry())}}
