@@ -247,6 +247,23 @@ def test_fifo_as_a_shard_is_refused_without_blocking(env):
     assert_one_error_line(result.returncode, result.stderr, ("model-00002-of-00002.safetensors",), result.stderr)
 
 
+@pytest.mark.parametrize("where", ["zarr.json", "chunk"])
+def test_fifo_inside_a_store_is_refused_without_blocking(env, where):
+    store = env.inp / "a.store"
+    api.convert(env.a, store)
+    manifest = json.loads((store / "blockmerge.json").read_text())
+    array = store / next(e["path"] for e in manifest["tensors"] if e["name"] == "w")
+    victim = array / "zarr.json" if where == "zarr.json" else sorted(p for p in (array / "c").rglob("*")
+                                                                     if p.is_file())[0]
+    victim.unlink()
+    os.mkfifo(victim)
+    for args in (["inspect", store], ["export", store, env.outdir / "x.safetensors"]):
+        result = run_cli(*args, timeout=60)
+        assert_one_error_line(result.returncode, result.stderr, (victim.name, "'w'", "not a regular file"),
+                              result.stderr)
+    assert not (env.outdir / "x.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------------------------- sizes
 
 

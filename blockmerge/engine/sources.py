@@ -127,8 +127,13 @@ def _shard_path(index: Path, shard: str) -> Path:
     path = index.parent / shard
     if shard in ("", ".", "..") or Path(shard).name != shard:
         raise BlockmergeError(f"shard {shard!r} is outside the index's directory", path=index)
-    if not path.resolve().is_relative_to(_link_root(index.parent)):
-        raise BlockmergeError(f"shard {shard!r} links outside the index's directory", path=index)
+    root = _link_root(index.parent)
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a loop of links
+        raise BlockmergeError(f"cannot resolve shard {shard!r} ({err})", path=index) from None
+    if not target.is_relative_to(root):
+        raise BlockmergeError(f"shard {shard!r} links outside {root}", path=index)
     if not path.exists():
         raise BlockmergeError(f"shard {shard!r} listed in the index does not exist", path=index)
     return regular_file(path.absolute())
@@ -138,11 +143,11 @@ def _link_root(directory: Path) -> Path:
     """Where links of a checkpoint directory may point: `models--ORG--NAME/` for a snapshot of a Hugging Face
     hub cache (`models--ORG--NAME/snapshots/REVISION/`, its files linked to `../../blobs/HASH`), else the
     directory itself."""
-    directory = Path(os.path.abspath(directory))
+    directory = directory.resolve()
     repo = directory.parent.parent
     if directory.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
-        return repo.resolve()
-    return directory.resolve()
+        return repo
+    return directory
 
 
 def regular_file(path: Path) -> Path:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class StoreReader:
         self.entries = {e.name: e for e in entries if e.kind == kind}
         self._arrays: dict[str, ts.TensorStore] = {}
         for e in self.entries.values():
+            _only_regular_files(self.path / e.path, e.name)
             try:
                 meta = json.loads((self.path / e.path / "zarr.json").read_text())
                 ok = list(meta["shape"]) == list(e.spec.shape)
@@ -152,6 +154,20 @@ class StoreReader:
             raise BlockmergeError(f"corrupt array data ({str(err).splitlines()[0]})",
                                   path=self.path / self.entries[name].path, param=name) from None
         return from_numpy(np.asarray(data, order="C"))
+
+
+def _only_regular_files(array: Path, name: str) -> None:
+    """Refuse an array holding a FIFO, socket or device, whose read would block or never end."""
+    for folder, _, files in os.walk(array):
+        for f in files:
+            path = Path(folder, f)
+            try:
+                regular = stat.S_ISREG(path.stat().st_mode)
+            except OSError as err:
+                raise BlockmergeError(f"cannot read ({err.strerror.lower()})", path=path, param=name) from None
+            if not regular:
+                raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read)", path=path,
+                                      param=name)
 
 
 class StoreWriter:
