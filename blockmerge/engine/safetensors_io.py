@@ -124,8 +124,7 @@ class SafetensorsFile:
             raise BlockmergeError(f"cannot open ({err.strerror})", path=self.path) from None
         try:
             if not stat.S_ISREG(os.fstat(self._fd).st_mode):
-                raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read as a "
-                                      "checkpoint)", path=self.path)
+                raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read)", path=self.path)
             self.entries, self.metadata, self.size = read_header(self.path, self._fd)
         except BaseException:
             self.close()

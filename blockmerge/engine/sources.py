@@ -136,7 +136,7 @@ def _shard_path(index: Path, shard: str) -> Path:
         raise BlockmergeError(f"shard {shard!r} links outside {root}", path=index)
     if not path.exists():
         raise BlockmergeError(f"shard {shard!r} listed in the index does not exist", path=index)
-    return regular_file(path.absolute())
+    return _regular_file(path.absolute())
 
 
 def _link_root(directory: Path) -> Path:
@@ -150,7 +150,7 @@ def _link_root(directory: Path) -> Path:
     return directory
 
 
-def regular_file(path: Path) -> Path:
+def _regular_file(path: Path) -> Path:
     """`path`, refused unless it is a regular file (or a link to one): a FIFO, socket or device would block
     a read or never end."""
     try:
@@ -158,8 +158,7 @@ def regular_file(path: Path) -> Path:
     except OSError as err:
         raise BlockmergeError(f"cannot open ({err.strerror.lower()})", path=path) from None
     if not stat.S_ISREG(mode):
-        raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read as a checkpoint)",
-                              path=path)
+        raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read)", path=path)
     return path
 
 
@@ -275,13 +274,16 @@ def _data_records(path: Path) -> dict[int, tuple[int, str, bool]]:
     locates them."""
     try:
         reader = torch._C.PyTorchFileReader(str(path))
-        names = sorted((n for n in reader.get_all_records() if n.startswith("data/")), reverse=True)
         with zipfile.ZipFile(path) as z:
             compressed = {i.filename.split("/", 1)[-1] for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED}
-        records = {reader.get_record_offset(n): (reader.get_record_size(n), n, n not in compressed) for n in names}
+        records: dict[int, tuple[int, str, bool]] = {}
+        for name in sorted(n for n in reader.get_all_records() if n.startswith("data/")):
+            size = reader.get_record_size(name)
+            if size:
+                records.setdefault(reader.get_record_offset(name), (size, name, name not in compressed))
     except (RuntimeError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise BlockmergeError(f"corrupt PyTorch file ({str(err).splitlines()[0]})", path=path) from None
-    return {offset: record for offset, record in records.items() if record[0]}
+    return records
 
 
 class StoreCheckpoint(Checkpoint):
@@ -309,8 +311,6 @@ def _open_path(path: Path, kind: str) -> Checkpoint:
         path.stat()
     except OSError as err:
         raise BlockmergeError(f"cannot open ({err.strerror.lower()})", path=path) from None
-    if not path.is_dir():
-        regular_file(path)
     if path.is_dir():
         if is_store(path):
             return StoreCheckpoint(path, kind)
@@ -321,6 +321,7 @@ def _open_path(path: Path, kind: str) -> Checkpoint:
                 return ckpt
         raise BlockmergeError("directory holds no checkpoint (no blockmerge store, "
                               f"no {' / '.join(WEIGHT_FILES)})", path=path)
+    _regular_file(path)
     name = path.name
     if name.endswith((".safetensors", ".safetensors.index.json")):
         return SafetensorsCheckpoint(path)
