@@ -51,14 +51,14 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
         base=open_checkpoint(base, "base", repo=repo) if base is not None else None,
         stats=[open_statistics(s, f"stats[{i}]", repo) for i, s in enumerate(stats or [])],
         base_stats=open_statistics(base_stats, "base_stats", repo) if base_stats is not None else {},
-        device=device, dtype=dtype, compute_dtype=compute_dtype, block_bytes=parse_size(block_size),
-        progress=progress,
+        device=device, dtype=dtype, compute_dtype=compute_dtype,
+        block_bytes=parse_size(block_size, "block_size"), progress=progress,
     )
     layout = check(job)
     out_format = infer_format(out, format) if out is not None else "store"
     files = (job.base or job.models[0]).files
-    options = dict(out_format=out_format, codec=codec, shard_bytes=parse_size(max_shard_size), resume=resume,
-                   overwrite=overwrite, files=files)
+    options = dict(out_format=out_format, codec=codec, shard_bytes=parse_size(max_shard_size, "max_shard_size"),
+                   resume=resume, overwrite=overwrite, files=files)
     if executor == "dask":
         if out is None:
             raise BlockmergeError("the dask executor writes to a path every worker sees: pass out= / --out")
@@ -84,10 +84,11 @@ def convert(source: Checkpointish, out: str | os.PathLike, *, format: str | None
     ckpt = open_checkpoint(source, "source")
     copier = get("average")
     job = Job(method=copier, hyperparameters=copier.hyperparameters(), common=Common(), models=[ckpt],
-              block_bytes=parse_size(block_size), progress=progress, label=label)
+              block_bytes=parse_size(block_size, "block_size"), progress=progress, label=label)
     layout = Layout(ckpt.specs, ckpt.specs, dict.fromkeys(ckpt.specs, "copy"), {}, frozenset())
     summary, _ = execute(job, layout, out, out_format=infer_format(out, format), codec=codec,
-                         shard_bytes=parse_size(max_shard_size), overwrite=overwrite, files=ckpt.files)
+                         shard_bytes=parse_size(max_shard_size, "max_shard_size"), overwrite=overwrite,
+                         files=ckpt.files)
     return summary
 
 

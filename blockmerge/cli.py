@@ -349,7 +349,7 @@ def stats_fisher(**kwargs: Any) -> None:
 @_errors
 def stats_gram(max_memory: str | None, **kwargs: Any) -> None:
     """Gram matrices of every Linear layer's inputs and/or output gradients (docs/methods.md §6.2, §7.5)."""
-    _compute("gram", max_memory=parse_size(max_memory) if max_memory else None, **kwargs)
+    _compute("gram", max_memory=parse_size(max_memory, "max_memory") if max_memory else None, **kwargs)
 
 
 @stats.command("blockwise-fisher")

@@ -20,8 +20,11 @@ class BlockRef:
 
 
 def row_blocks(spec: TensorSpec, input_row_bytes: int, budget: int, align: int) -> list[tuple[int, int]]:
-    """Row ranges of a tensor whose inputs stay within `budget` bytes, cut at multiples of `align` rows."""
+    """Row ranges of a tensor whose inputs stay within `budget` bytes, cut at multiples of `align` rows; a tensor
+    of no bytes (a zero in its shape) is one range, however many rows it has."""
     rows = spec.rows
+    if not spec.numel:
+        return [(0, rows)]
     per_block = max(1, budget // max(1, input_row_bytes))
     if per_block >= align:
         per_block -= per_block % align

@@ -480,7 +480,7 @@ class _Engine:
         shape = raw.models[0].shape
         rows = shape[0] if len(shape) else 1
         step = rows
-        if method.row_blocks and self.device.type == "cpu" and len(shape):
+        if method.row_blocks and self.device.type == "cpu" and len(shape) and raw.models[0].numel():
             step = max(1, SLICE_ELEMENTS // max(1, self.layout.specs[raw.ref.name].row_numel))
         ranges = [None] if step >= rows else [(first, min(rows, first + step)) for first in range(0, rows, step)]
 

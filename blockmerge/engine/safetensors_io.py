@@ -11,6 +11,7 @@ import ctypes
 import json
 import math
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..errors import BlockmergeError
 from .memory import libc_function
 from .tensors import TensorSpec, from_safetensors_code, itemsize, safetensors_code, tensor_bytes, torch_dtype
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -81,11 +82,24 @@ def read_header(path: Path, fd: int) -> tuple[dict[str, tuple[TensorSpec, int]],
                                   f"file has {size})", path=path, param=name)
         spans.append((begin, end, name))
         entries[name] = (spec, data_start + begin)
-    spans.sort()
-    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise BlockmergeError(f"corrupt safetensors header (data of {name_a!r} overlaps {name_b!r})", path=path)
+    _check_contiguous(path, sorted(spans), data_len)
     return entries, metadata, size
+
+
+def _check_contiguous(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """Refuse what safetensors refuses: tensors' data, in order of offsets, must follow one another from the
+    start of the data section to the end of the file, with no gap, overlap or byte left over."""
+    cursor, previous = 0, None
+    for begin, end, name in spans:
+        if begin < cursor:
+            raise BlockmergeError(f"corrupt safetensors header (data of {previous!r} overlaps {name!r})", path=path)
+        if begin > cursor:
+            raise BlockmergeError(f"corrupt safetensors file ({begin - cursor} bytes of no tensor before this "
+                                  "tensor's data)", path=path, param=name)
+        cursor, previous = end, name
+    if cursor != data_len:
+        raise BlockmergeError(f"corrupt safetensors file ({data_len - cursor} bytes after the last tensor's data)",
+                              path=path)
 
 
 def pread_exact(fd: int, buffer: memoryview, offset: int, path: Path, param: str) -> None:
@@ -105,10 +119,12 @@ class SafetensorsFile:
         self.path = Path(path)
         self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block the open
         except OSError as err:
             raise BlockmergeError(f"cannot open ({err.strerror})", path=self.path) from None
         try:
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read)", path=self.path)
             self.entries, self.metadata, self.size = read_header(self.path, self._fd)
         except BaseException:
             self.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -147,19 +148,22 @@ def open_sink(path: Path, format: str, specs: dict[str, TensorSpec], *, codec: s
     return SafetensorsSink(path, specs, shard_bytes, files if format == "hf" else [], create=create, single=single)
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes from '512MiB', '5GB', '1e9' or an integer."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in units:
-        raise BlockmergeError(f"cannot read size {text!r} (examples: 256MiB, 5GB)")
-    try:
-        value = int(float(m.group(1)) * units[m.group(2).lower()])
-    except ValueError:
-        raise BlockmergeError(f"cannot read size {text!r} (examples: 256MiB, 5GB)") from None
-    if value <= 0:
-        raise BlockmergeError(f"size must be positive, got {text!r}")
-    return value
+def parse_size(text: str | float, param: str | None = None) -> int:
+    """Bytes from '512MiB', '5GB', '1e9' or an integer: a whole number from 1 byte to 1 EiB (2^60 bytes);
+    `param` names the option in the error."""
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise BlockmergeError(f"cannot read size {text!r} (examples: 256MiB, 5GB)", param=param)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]{1,3})?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise BlockmergeError(f"cannot read size {text!r} (examples: 256MiB, 5GB)", param=param)
+    value = Fraction(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not 1 <= value <= MAX_SIZE:
+        raise BlockmergeError(f"size {text!r} is out of range (1 byte to 1EiB)", param=param)
+    if value.denominator != 1:
+        raise BlockmergeError(f"size {text!r} is not a whole number of bytes", param=param)
+    return int(value)
+
+
+MAX_SIZE = 2**60
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15, "eb": 10**18,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50, "eib": 2**60}

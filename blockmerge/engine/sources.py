@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -120,12 +122,44 @@ def _weight_map(index: Path) -> dict[str, str]:
 
 
 def _shard_path(index: Path, shard: str) -> Path:
-    target = (index.parent / shard).resolve()
-    if target.parent != index.parent.resolve():
+    """The shard file named in an index: a file of the index's directory, or a link whose target stays in
+    that directory or, in a Hugging Face hub cache, in the model's repository folder (its blobs)."""
+    path = index.parent / shard
+    if shard in ("", ".", "..") or Path(shard).name != shard:
         raise BlockmergeError(f"shard {shard!r} is outside the index's directory", path=index)
-    if not target.is_file():
+    root = _link_root(index.parent)
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a loop of links
+        raise BlockmergeError(f"cannot resolve shard {shard!r} ({err})", path=index) from None
+    if not target.is_relative_to(root):
+        raise BlockmergeError(f"shard {shard!r} links outside {root}", path=index)
+    if not path.exists():
         raise BlockmergeError(f"shard {shard!r} listed in the index does not exist", path=index)
-    return target
+    return _regular_file(path.absolute())
+
+
+def _link_root(directory: Path) -> Path:
+    """Where links of a checkpoint directory may point: `models--ORG--NAME/` for a snapshot of a Hugging Face
+    hub cache (`models--ORG--NAME/snapshots/REVISION/`, its files linked to `../../blobs/HASH`), else the
+    directory itself."""
+    directory = directory.resolve()
+    repo = directory.parent.parent
+    if directory.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        return repo
+    return directory
+
+
+def _regular_file(path: Path) -> Path:
+    """`path`, refused unless it is a regular file (or a link to one): a FIFO, socket or device would block
+    a read or never end."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise BlockmergeError(f"cannot open ({err.strerror.lower()})", path=path) from None
+    if not stat.S_ISREG(mode):
+        raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read)", path=path)
+    return path
 
 
 class TorchCheckpoint(Checkpoint):
@@ -161,10 +195,12 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                mapped = True
             except RuntimeError as err:
                 if "mmap" not in str(err):
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+                mapped = False
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0]
         raise BlockmergeError(f"refused: not a plain tensor file, loading it would run code ({first})",
@@ -177,7 +213,77 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise BlockmergeError(f"expected name -> tensor entries, found {type(t).__name__}", path=path,
                                   param=str(name))
+        _check_layout(path, name, t)
+    if mapped:
+        _check_records(path, obj)
     return dict(obj)
+
+
+def _check_layout(path: Path, name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor that does not own numel × itemsize bytes of its storage: its strides must lay out its
+    elements without overlap or gap (in any order of dimensions, so a transposed tensor is read), within the
+    storage. An expanded tensor (stride 0) of a few stored bytes could otherwise declare terabytes."""
+    if not t.numel():
+        return
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            raise BlockmergeError(f"tensor of shape {list(t.shape)} with strides {list(t.stride())} shares or "
+                                  "skips bytes of its storage (only dense, non-overlapping tensors are read)",
+                                  path=path, param=name)
+        expected *= size
+    end = (t.storage_offset() + t.numel()) * t.element_size()
+    if end > t.untyped_storage().nbytes():
+        raise BlockmergeError(f"tensor needs {end} bytes of a storage of {t.untyped_storage().nbytes()}",
+                              path=path, param=name)
+
+
+def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a memory-mapped PyTorch zip whose storages are not exactly its `data/K` records: a storage
+    declared larger than its record would be read into the archive's next headers (`torch.load` without
+    mmap refuses such a file too), and a compressed record's bytes are not the values.
+
+    The mapped storages are slices of one mapping of the file, so their order and distances are those of
+    their records in the file: the i-th storage by address must be the i-th record by offset, of its size.
+    """
+    records = _data_records(path)
+    storages: dict[int, list[tuple[int, str]]] = {}
+    for name, t in sorted(tensors.items()):
+        s = t.untyped_storage()
+        if s.nbytes():
+            storages.setdefault(s.data_ptr(), []).append((s.nbytes(), name))
+    if len(storages) != len(records):
+        raise BlockmergeError(f"{len(records)} non-empty data records for {len(storages)} non-empty storages "
+                              "(corrupt file)", path=path)
+    if not records:
+        return
+    by_address, by_offset = sorted(storages.items()), sorted(records.items())
+    base = by_address[0][0] - by_offset[0][0]
+    for (address, views), (offset, (size, record, stored)) in zip(by_address, by_offset):
+        for nbytes, name in views:
+            if address - base != offset or nbytes != size:
+                raise BlockmergeError(f"storage of {nbytes} bytes does not match its record {record} of {size} "
+                                      "bytes (corrupt file)", path=path, param=name)
+            if not stored:
+                raise BlockmergeError(f"record {record} is compressed (tensor data is stored as is in a PyTorch "
+                                      "file)", path=path, param=name)
+
+
+def _data_records(path: Path) -> dict[int, tuple[int, str, bool]]:
+    """{offset: (size, name, stored uncompressed)} of the non-empty `data/K` records of a PyTorch zip, as torch
+    locates them."""
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        with zipfile.ZipFile(path) as z:
+            compressed = {i.filename.split("/", 1)[-1] for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED}
+        records: dict[int, tuple[int, str, bool]] = {}
+        for name in sorted(n for n in reader.get_all_records() if n.startswith("data/")):
+            size = reader.get_record_size(name)
+            if size:
+                records.setdefault(reader.get_record_offset(name), (size, name, name not in compressed))
+    except (RuntimeError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise BlockmergeError(f"corrupt PyTorch file ({str(err).splitlines()[0]})", path=path) from None
+    return records
 
 
 class StoreCheckpoint(Checkpoint):
@@ -215,6 +321,7 @@ def _open_path(path: Path, kind: str) -> Checkpoint:
                 return ckpt
         raise BlockmergeError("directory holds no checkpoint (no blockmerge store, "
                               f"no {' / '.join(WEIGHT_FILES)})", path=path)
+    _regular_file(path)
     name = path.name
     if name.endswith((".safetensors", ".safetensors.index.json")):
         return SafetensorsCheckpoint(path)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import tensorstore as ts
 import torch
 
 from ..errors import BlockmergeError
-from .tensors import DTYPES, TensorSpec, from_numpy, numpy_dtype, to_numpy
+from .tensors import DTYPES, TensorSpec, from_numpy, numpy_dtype, to_numpy, torch_dtype
 
 MANIFEST = "blockmerge.json"
 FORMAT = "blockmerge-store"
@@ -117,6 +118,7 @@ class StoreReader:
         self.entries = {e.name: e for e in entries if e.kind == kind}
         self._arrays: dict[str, ts.TensorStore] = {}
         for e in self.entries.values():
+            _only_regular_files(self.path / e.path, e.name)
             try:
                 meta = json.loads((self.path / e.path / "zarr.json").read_text())
                 ok = list(meta["shape"]) == list(e.spec.shape)
@@ -133,13 +135,18 @@ class StoreReader:
         if name not in self._arrays:
             entry = self.entries[name]
             try:
-                self._arrays[name] = ts.open(_array_spec(self.path, entry), open=True, read=True).result()
+                # tensorstore refuses paths with `..`: it gets the store's resolved path
+                spec = _array_spec(self.path.resolve(), entry)
+                self._arrays[name] = ts.open(spec, open=True, read=True).result()
             except Exception as err:  # tensorstore raises ValueError and its own status errors
                 raise BlockmergeError(f"corrupt or missing array ({str(err).splitlines()[0]})",
                                       path=self.path / entry.path, param=name) from None
         return self._arrays[name]
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        spec = self.entries[name].spec
+        if not spec.numel:  # numpy cannot hold some empty shapes, such as [2**61, 0]
+            return _empty(spec, start, stop)
         array = self._array(name)
         try:
             data = array[start:stop].read().result() if array.rank else array.read().result()
@@ -147,6 +154,20 @@ class StoreReader:
             raise BlockmergeError(f"corrupt array data ({str(err).splitlines()[0]})",
                                   path=self.path / self.entries[name].path, param=name) from None
         return from_numpy(np.asarray(data, order="C"))
+
+
+def _only_regular_files(array: Path, name: str) -> None:
+    """Refuse an array holding a FIFO, socket or device, whose read would block or never end."""
+    for folder, _, files in os.walk(array):
+        for f in files:
+            path = Path(folder, f)
+            try:
+                regular = stat.S_ISREG(path.stat().st_mode)
+            except OSError as err:
+                raise BlockmergeError(f"cannot read ({err.strerror.lower()})", path=path, param=name) from None
+            if not regular:
+                raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read)", path=path,
+                                      param=name)
 
 
 class StoreWriter:
@@ -174,6 +195,8 @@ class StoreWriter:
             raise _write_error(err, self.path / entry.path, name) from None
 
     def write(self, kind: str, name: str, start: int, rows: torch.Tensor) -> None:
+        if not rows.numel():
+            return
         array = self._arrays[(kind, name)]
         data = to_numpy(rows)
         try:
@@ -182,6 +205,9 @@ class StoreWriter:
             raise _write_error(err, self.path / self.entries[(kind, name)].path, name) from None
 
     def read(self, kind: str, name: str, start: int, stop: int) -> torch.Tensor:
+        spec = self.entries[(kind, name)].spec
+        if not spec.numel:
+            return _empty(spec, start, stop)
         array = self._arrays[(kind, name)]
         return from_numpy(np.asarray((array[start:stop] if array.rank else array).read().result(), order="C"))
 
@@ -191,6 +217,11 @@ class StoreWriter:
                     "dtype": e.spec.dtype, "sha256": checksums[key]} for key, e in self.entries.items()]
         manifest = {"format": FORMAT, "version": VERSION, "tensors": tensors, "metadata": metadata}
         write_json_atomic(self.path / MANIFEST, manifest)
+
+
+def _empty(spec: TensorSpec, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a tensor of no elements."""
+    return torch.empty((stop - start, *spec.shape[1:]) if spec.shape else (), dtype=torch_dtype(spec.dtype))
 
 
 def _write_error(err: ValueError, path: Path, name: str) -> BlockmergeError:

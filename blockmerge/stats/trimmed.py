@@ -41,7 +41,7 @@ def trimmed(model: Any, base: Any, out: str | os.PathLike, *, density: float = 0
     specs = {n: s for n, s in ckpt.specs.items() if s.floating}
     out_specs = {n: TensorSpec(s.shape, "float32") for n, s in specs.items()}
     job = Job(method=TRIM, hyperparameters=hp, common=Common(), models=[ckpt], base=base_ckpt,
-              block_bytes=parse_size(block_size), progress=progress)
+              block_bytes=parse_size(block_size, "block_size"), progress=progress)
     layout = Layout(specs, out_specs, dict.fromkeys(specs, "merge"), dict.fromkeys(specs, ()), frozenset())
     metadata = {"statistic": "trimmed", "density": density, "model": ckpt.label, "base": base_ckpt.label,
                 "blockmerge": __version__}
