@@ -371,3 +371,16 @@ def test_the_merge_menu_lists_every_registered_method_beside_git_thetas_own(tmp_
         plugins.registry.cache_clear()
     assert {f"blockmerge-{name}" for name in [*registry(), "negated"]} <= set(listed)
     assert {"take_us", "take_them", "context"} <= set(listed)  # git-theta's own plugins stay
+
+
+def test_the_pytorch_checkpoint_plugin_refuses_a_tensor_that_declares_more_than_it_stores(tmp_path):
+    """git-theta's clean filter reads .bin files through this plugin: an expanded tensor of a few stored bytes
+    declaring 65536 × 65536 elements is refused, not copied out to 16 GiB."""
+    from blockmerge.gittheta.checkpoint import TorchCheckpoint
+
+    path = tmp_path / "expanded.bin"
+    torch.save({"w": torch.zeros(1).expand(65536, 65536), "b": torch.ones(3)}, path)
+    with pytest.raises(ValueError, match="w: tensor of shape \\[65536, 65536\\]"):
+        TorchCheckpoint.load(str(path))
+    torch.save({"w": torch.randn(4, 8).T, "b": torch.ones(3)}, path)
+    assert TorchCheckpoint.load(str(path))["w"].shape == (8, 4)

@@ -16,7 +16,7 @@ import torch
 from ..errors import BlockmergeError
 from .safetensors_io import SafetensorsFile
 from .store import KINDS, StoreReader, is_store
-from .tensors import TensorSpec, dtype_name
+from .tensors import TensorSpec, dense_layout_problem, dtype_name
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                 "pytorch_model.bin")
@@ -213,29 +213,12 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise BlockmergeError(f"expected name -> tensor entries, found {type(t).__name__}", path=path,
                                   param=str(name))
-        _check_layout(path, name, t)
+        problem = dense_layout_problem(t)
+        if problem:
+            raise BlockmergeError(problem, path=path, param=name)
     if mapped:
         _check_records(path, obj)
     return dict(obj)
-
-
-def _check_layout(path: Path, name: str, t: torch.Tensor) -> None:
-    """Refuse a tensor that does not own numel × itemsize bytes of its storage: its strides must lay out its
-    elements without overlap or gap (in any order of dimensions, so a transposed tensor is read), within the
-    storage. An expanded tensor (stride 0) of a few stored bytes could otherwise declare terabytes."""
-    if not t.numel():
-        return
-    expected = 1
-    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
-        if stride != expected:
-            raise BlockmergeError(f"tensor of shape {list(t.shape)} with strides {list(t.stride())} shares or "
-                                  "skips bytes of its storage (only dense, non-overlapping tensors are read)",
-                                  path=path, param=name)
-        expected *= size
-    end = (t.storage_offset() + t.numel()) * t.element_size()
-    if end > t.untyped_storage().nbytes():
-        raise BlockmergeError(f"tensor needs {end} bytes of a storage of {t.untyped_storage().nbytes()}",
-                              path=path, param=name)
 
 
 def _check_records(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:

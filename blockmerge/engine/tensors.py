@@ -113,3 +113,21 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous CPU tensor."""
     return memoryview(to_numpy(tensor.reshape(-1)).view(np.uint8))
+
+
+def dense_layout_problem(t: torch.Tensor) -> str | None:
+    """Why `t` does not own numel × itemsize bytes of its storage (None when it does): its strides must lay out
+    its elements without overlap or gap (in any order of dimensions, so a transposed tensor is read), within
+    the storage. An expanded tensor (stride 0) of a few stored bytes could otherwise declare terabytes."""
+    if not t.numel():
+        return None
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            return (f"tensor of shape {list(t.shape)} with strides {list(t.stride())} shares or skips bytes of its "
+                    "storage (only dense, non-overlapping tensors are read)")
+        expected *= size
+    end = (t.storage_offset() + t.numel()) * t.element_size()
+    if end > t.untyped_storage().nbytes():
+        return f"tensor needs {end} bytes of a storage of {t.untyped_storage().nbytes()}"
+    return None

@@ -101,11 +101,16 @@ class TorchCheckpoint(Checkpoint):
     def load(cls, checkpoint_path) -> dict:
         import torch
 
+        from ..engine.tensors import dense_layout_problem
+
         state = torch.load(io.BytesIO(_read(checkpoint_path)), map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
             raise ValueError("a PyTorch checkpoint must be a dict of tensors")
         checkpoint: dict = {}
         for name, tensor in state.items():
+            problem = dense_layout_problem(tensor)
+            if problem:
+                raise ValueError(f"{name}: {problem}")
             tensor = tensor.detach().contiguous()
             if tensor.dtype in (torch.float16, torch.bfloat16):
                 key = "#float16" if tensor.dtype == torch.float16 else "#bfloat16"
