@@ -257,7 +257,7 @@ def stats_trimmed(model: str, base: str, density: float, out: str, block_size: s
     from .stats.trimmed import trimmed
 
     options = {"block_size": block_size} if block_size else {}
-    with statistics_output(out, overwrite=overwrite) as target:
+    with statistics_output(out, overwrite=overwrite, inputs=[model, base]) as target:
         summary = trimmed(model, base, target, density=density, overwrite=overwrite, progress=True, **options)
     click.echo(f"trimmed task vector of {model} written to {out} ({summary.seconds:.1f} s)")
 
@@ -297,7 +297,7 @@ def _task_options(fn):
 def _compute(statistic: str, model: str, data: str | None, task_file: str | None, split: str, text_column: str,
              text_pair_column: str | None, label_column: str, target_column: str | None, max_length: int,
              **options: Any) -> None:
-    from .stats.compute import compute
+    from .stats.compute import compute, inputs_of
     from .stats.data import TaskSpec
 
     if task_file:
@@ -309,7 +309,7 @@ def _compute(statistic: str, model: str, data: str | None, task_file: str | None
         raise BlockmergeError("pass --data (with column options) or --task")
     from .gittheta.statsfile import statistics_output
 
-    with statistics_output(options.pop("out"), overwrite=options["overwrite"]) as target:
+    with statistics_output(options.pop("out"), overwrite=options["overwrite"], inputs=inputs_of(model, task)) as target:
         summary = compute(statistic, model, task, target, progress=True, **options)
     click.echo(f"{', '.join(summary['kinds'])} of {model}: {summary['examples']} examples, {summary['tokens']} "
                f"tokens, {summary['seconds']:.1f} s, peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")

@@ -7,6 +7,7 @@ The examples can be split into contiguous shards, each accumulated on its own (o
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 import time
@@ -84,6 +85,11 @@ class Request:
             "labels": result["labels"], "batch_size": self.batch_size, "num_examples": self.num_examples,
             "seed": self.seed, "seconds": round(seconds, 3), "peak_rss_bytes": peak_rss_bytes,
         }
+
+
+def inputs_of(model: str | os.PathLike, task: TaskSpec) -> list[str | os.PathLike]:
+    """What a statistic of `model` over `task` reads: the model directory and the task's data (a glob expanded)."""
+    return [model, task.data, *(glob.glob(task.data) if glob.has_magic(task.data) else [])]
 
 
 def positive_int(value: object) -> bool:
@@ -175,7 +181,7 @@ def compute(statistic: str, model_path: str | os.PathLike, task: TaskSpec, out: 
         raise BlockmergeError("a scheduler or shards are given but the executor is local "
                               "(pass executor='dask' / --executor dask)")
     start = time.perf_counter()
-    with StatisticsWriter(out, overwrite=overwrite) as writer:
+    with StatisticsWriter(out, overwrite=overwrite, inputs=inputs_of(request.model, request.task)) as writer:
         result = write_shard(request, writer, 0, num_examples, sums=False, progress=progress)
         summary = request.summary(result, sorted({k for k, _ in writer.checksums}), time.perf_counter() - start,
                                   memory.peak_rss_bytes())
