@@ -266,13 +266,17 @@ def killed_partial(world: World, out: Path, *extra: str) -> Path:
     return out.parent / f".{out.name}.blockmerge-partial"
 
 
-def test_resume_never_writes_through_a_link_planted_in_the_work_directory(world):
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_resume_never_writes_through_a_link_planted_in_the_work_directory(world, link):
     out = world.outdir / "x.safetensors"
     work = killed_partial(world, out)
     victim = world.tmp / "victim.safetensors"
     victim.write_bytes((work / out.name).read_bytes())
     (work / out.name).unlink()
-    (work / out.name).symlink_to(victim)
+    if link == "symbolic":
+        (work / out.name).symlink_to(victim)
+    else:
+        os.link(victim, work / out.name)
     before = digests(victim)
     code, stderr = cli(*world.args(out, "--resume"))
     assert code == 0, stderr

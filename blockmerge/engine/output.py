@@ -280,12 +280,14 @@ def _write_new(path: Path, text: str) -> None:
 
 
 def _plain_tree(root: Path) -> bool:
-    """Whether everything under `root` is a regular file or directory owned by this user (no links)."""
+    """Whether everything under `root` is a directory or a regular file of one name, owned by this user (no
+    symbolic or hard links, through which a write would reach a file elsewhere)."""
     uid = os.getuid()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             st = os.lstat(os.path.join(dirpath, name))
-            if st.st_uid != uid or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            plain = stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
+            if st.st_uid != uid or not plain:
                 return False
     return True
 
