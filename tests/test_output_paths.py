@@ -1,6 +1,7 @@
-"""Where an output may go: never onto, into or around an input; `--overwrite` replaces only blockmerge's own
-outputs of the same kind, a file in one atomic rename; symbolic links in the way are refused before any block
-is read; missing parent directories are created; `..` in `--out` works.
+"""Where an output may go: never onto or around an input, into an input directory only as a new path (never
+into a store); `--overwrite` replaces only blockmerge's own outputs of the same kind, a file in one atomic
+rename; symbolic links in the way are refused before any block is read; missing parent directories are
+created; `..` in `--out` works.
 
 Real files, the real CLI (in-process through CliRunner, or its own process where a fault point kills it).
 """
@@ -110,19 +111,35 @@ def world(tmp_path) -> World:
 # ------------------------------------------------------------------------------------ outputs that are inputs
 
 
-@pytest.mark.parametrize("target", ["model file", "hf directory", "hf weights", "base", "store", "store manifest",
-                                    "inside the hf directory", "inside the store", "symlink to a model"])
+@pytest.mark.parametrize("target", ["model file", "hf directory", "hf weights", "hf config", "base", "store",
+                                    "store manifest", "inside the store", "symlink to a model",
+                                    "previous output inside the hf directory"])
 def test_an_input_is_never_the_output_even_with_overwrite(world, target):
     out = {"model file": world.a, "hf directory": world.hf, "hf weights": world.hf / "model.safetensors",
-           "base": world.base, "store": world.store, "store manifest": world.store / "blockmerge.json",
-           "inside the hf directory": world.hf / "merged.safetensors",
-           "inside the store": world.store / "merged.safetensors",
-           "symlink to a model": world.outdir / "alias.safetensors"}[target]
+           "hf config": world.hf / "config.json", "base": world.base, "store": world.store,
+           "store manifest": world.store / "blockmerge.json", "inside the store": world.store / "merged.safetensors",
+           "symlink to a model": world.outdir / "alias.safetensors",
+           "previous output inside the hf directory": world.hf / "old.safetensors"}[target]
     if target == "symlink to a model":
         out.symlink_to(world.a)
+    if target.startswith("previous"):
+        api.convert(world.a, out)
     before = world.snapshot()
-    one_line(*cli(*world.args(out, "--overwrite")), "input")
+    one_line(*cli(*world.args(out, "--overwrite")), "this run")
     assert world.snapshot() == before
+
+
+def test_a_new_output_may_go_next_to_a_model_in_its_directory(world):
+    """As statistics do (`--model . --out fisher.safetensors`): a new path inside an input directory (not a
+    store) changes no input; once there, it is not replaced while that directory is an input."""
+    before = world.snapshot()
+    out = world.hf / "merged.safetensors"
+    code, stderr = cli(*world.args(out))
+    assert code == 0, stderr
+    after = world.snapshot()
+    assert {k: after[k] for k in before} == before and str(out) in after
+    one_line(*cli(*world.args(out, "--overwrite")), "exists inside an input directory")
+    assert world.snapshot() == after
 
 
 @pytest.mark.parametrize("where", ["models", ".", "tmp"])
@@ -141,7 +158,7 @@ def test_statistics_are_inputs_too(world):
     before = digests(stats)
     args = ["merge", "-q", "--method", "ties", "--base", world.base, "--model", world.a, "--model", world.a,
             "--stats", f"0={stats}", "--stats", f"1={stats}", "--out", stats, "--overwrite"]
-    one_line(*cli(*args), "input")
+    one_line(*cli(*args), "this run")
     assert digests(stats) == before
 
 
@@ -156,8 +173,9 @@ def test_a_statistics_computation_never_writes_onto_its_model(world):
 
 def test_export_and_import_never_write_onto_their_source(world):
     before = world.snapshot()
-    one_line(*cli("export", world.store, world.store / "x.safetensors", "--overwrite"), "input")
-    one_line(*cli("import", world.hf, world.hf / "x.store", "--overwrite"), "input")
+    one_line(*cli("export", world.store, world.store / "x.safetensors", "--overwrite"), "this run")
+    one_line(*cli("import", world.store, world.store / "x.store", "--overwrite"), "this run")
+    one_line(*cli("import", world.hf, world.hf, "--overwrite"), "this run")
     assert world.snapshot() == before
 
 
@@ -410,7 +428,7 @@ def test_property_no_input_byte_ever_changes(tmp_path_factory, choice, alias, re
         os.chdir(cwd)
     after = world.snapshot()
     assert {k: after.get(k) for k in before} == before, f"an input changed (--out {given_out})"
-    fresh = choice.startswith(("fresh", "../"))
+    fresh = choice.startswith(("fresh", "../")) or choice == "hf/new.safetensors"  # new, next to a model
     if code != 0:
         one_line(code, stderr)
         assert not fresh or (fmt == "store" and str(given_out).endswith(".safetensors")), stderr

@@ -30,9 +30,10 @@ KINDS = {"file": "a blockmerge .safetensors file", "store": "a blockmerge store"
 class Output:
     """The temporary location of one output, resumable, moved into place atomically.
 
-    Everything about OUT is decided before anything is written: it is never, holds no, and lies in no
-    input; an existing OUT is replaced only with `overwrite` and only when it is a blockmerge output of the
-    same kind; missing parent directories are created (and removed again by `abort`).
+    Everything about OUT is decided before anything is written: it is no input and holds none (inside an
+    input directory it may only be new, and never inside a store); an existing OUT is replaced only with
+    `overwrite` and only when it is a blockmerge output of the same kind; missing parent directories are
+    created (and removed again by `abort`).
     """
 
     def __init__(self, out: str | os.PathLike, request: dict, *, resume: bool, overwrite: bool,
@@ -191,8 +192,8 @@ def output_kind(out: Path, format: str | None) -> str:
 def check_output(out: str | os.PathLike, *, format: str | None = None, overwrite: bool = False,
                  inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """OUT as an absolute path (its directory's symbolic links and `..` resolved), checked before anything is
-    written: a usable place that is no input, holds none and lies in none, and nothing at it that may not be
-    replaced."""
+    written: a usable place that is no input and holds none (see `_refuse_inputs`), and nothing at it that may
+    not be replaced."""
     given = Path(out).absolute()
     if given.name in ("", ".."):
         given = Path(os.path.realpath(given))
@@ -303,6 +304,8 @@ def _check_parent(parent: Path) -> None:
 
 
 def _refuse_inputs(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
+    """OUT is no input and holds none; inside an input directory it may only be new (statistics written next to
+    their model), and never inside a store."""
     real = Path(os.path.realpath(out))
     for given in inputs:
         path = Path(os.path.realpath(given))
@@ -311,7 +314,12 @@ def _refuse_inputs(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
         if path.is_relative_to(out) or path.is_relative_to(real):
             raise BlockmergeError(f"holds an input of this run ({given}); choose another output", path=out)
         if out.is_relative_to(path) or real.is_relative_to(path):
-            raise BlockmergeError(f"lies inside an input of this run ({given}); choose another output", path=out)
+            if (path / MANIFEST).is_file():
+                raise BlockmergeError(f"lies inside a store this run reads ({given}); choose another output",
+                                      path=out)
+            if os.path.lexists(out):
+                raise BlockmergeError(f"exists inside an input directory of this run ({given}), where nothing is "
+                                      "replaced; choose another output", path=out)
 
 
 def _same_file(a: Path, b: Path) -> bool:
