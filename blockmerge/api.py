@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .engine.output import source_paths
 from .engine.plan import DEFAULT_BLOCK_BYTES
 from .engine.run import Job, Layout, Summary, check, execute
 from .engine.sinks import DEFAULT_SHARD_BYTES, infer_format, parse_size
@@ -58,7 +59,8 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     out_format = infer_format(out, format) if out is not None else "store"
     files = (job.base or job.models[0]).files
     options = dict(out_format=out_format, codec=codec, shard_bytes=parse_size(max_shard_size, "max_shard_size"),
-                   resume=resume, overwrite=overwrite, files=files)
+                   resume=resume, overwrite=overwrite, files=files,
+                   inputs=source_paths(models, base, stats, base_stats))
     if executor == "dask":
         if out is None:
             raise BlockmergeError("the dask executor writes to a path every worker sees: pass out= / --out")
@@ -88,7 +90,7 @@ def convert(source: Checkpointish, out: str | os.PathLike, *, format: str | None
     layout = Layout(ckpt.specs, ckpt.specs, dict.fromkeys(ckpt.specs, "copy"), {}, frozenset())
     summary, _ = execute(job, layout, out, out_format=infer_format(out, format), codec=codec,
                          shard_bytes=parse_size(max_shard_size, "max_shard_size"), overwrite=overwrite,
-                         files=ckpt.files)
+                         files=ckpt.files, inputs=source_paths(source))
     return summary
 
 

@@ -264,7 +264,7 @@ def stats_trimmed(model: str, base: str, density: float, out: str, block_size: s
     from .stats.trimmed import trimmed
 
     options = {"block_size": block_size} if block_size else {}
-    with statistics_output(out, overwrite=overwrite) as target:
+    with statistics_output(out, overwrite=overwrite, inputs=[model, base]) as target:
         summary = trimmed(model, base, target, density=density, overwrite=overwrite, progress=show_progress(),
                           **options)
     click.echo(f"trimmed task vector of {model} written to {out} ({summary.seconds:.1f} s)")
@@ -313,6 +313,7 @@ def _compute(statistic: str, model: str, data: str | None, task_file: str | None
              **options: Any) -> None:
     from .stats.compute import compute
     from .stats.data import TaskSpec
+    from .stats.shard import inputs_of
 
     if task_file:
         task = TaskSpec.from_file(task_file)
@@ -323,7 +324,8 @@ def _compute(statistic: str, model: str, data: str | None, task_file: str | None
         raise BlockmergeError("pass --data (with column options) or --task")
     from .engine.statsfile import statistics_output
 
-    with statistics_output(options.pop("out"), overwrite=options["overwrite"]) as target:
+    out = options.pop("out")
+    with statistics_output(out, overwrite=options["overwrite"], inputs=inputs_of(model, task)) as target:
         summary = compute(statistic, model, task, target, progress=show_progress(), **options)
     click.echo(f"{', '.join(summary['kinds'])} of {model}: {summary['examples']} examples, {summary['tokens']} "
                f"tokens, {summary['seconds']:.1f} s, peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")

@@ -609,8 +609,15 @@ def test_existing_output_is_kept_without_overwrite_and_replaced_with_it(env, kin
         out.mkdir()
         (out / "precious.txt").write_text("keep me")
     env.refused(env.merge_args(env.a, env.b, out=out), out.name, out=out)
+    env.refused([*env.merge_args(env.a, env.b, out=out), "--overwrite"], out.name, "not a blockmerge output", out=out)
     assert out.exists()
 
+    if kind == "file":
+        out.unlink()
+    else:
+        shutil.rmtree(out)
+    api.convert(env.b, out)  # a previous blockmerge output of the same kind
+    env.refused(env.merge_args(env.a, env.b, out=out), out.name, "already exists", out=out)
     result = cli(*env.merge_args(env.a, env.b, out=out), "--overwrite")
     assert result.exit_code == 0, describe(result)
     no_leftovers(out)
@@ -619,7 +626,6 @@ def test_existing_output_is_kept_without_overwrite_and_replaced_with_it(env, kin
     if kind == "file":
         got = load_file(out)
     else:
-        assert not (out / "precious.txt").exists()
         api.convert(out, env.tmp / "check.safetensors")
         got = load_file(env.tmp / "check.safetensors")
     assert sorted(got) == sorted(expected)

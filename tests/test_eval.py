@@ -389,6 +389,22 @@ def lm_family(tmp_path_factory):
     return tmp, dirs[0], dirs[1:], task
 
 
+def test_sweep_checks_its_output_before_the_first_merge(lm_family, tmp_path) -> None:
+    """Never onto or into an input, even with overwrite (refused before any candidate is merged); missing
+    parent directories are created."""
+    tmp, base, models, task = lm_family
+    tasks = [Task.from_file(task)]
+    before = {p: p.read_bytes() for p in tmp.rglob("*") if p.is_file()}
+    for out in (models[0], models[0] / "config.json", tmp):
+        with pytest.raises(BlockmergeError, match="input (directory )?of this run"):
+            sweep("task_arithmetic", models, tasks, {"scaling_factor": [0.5]}, base=base, out=out, overwrite=True)
+    assert {p: p.read_bytes() for p in tmp.rglob("*") if p.is_file()} == before
+    out = tmp_path / "new" / "best.safetensors"
+    sweep("task_arithmetic", models, tasks, {"scaling_factor": [0.5]}, base=base, out=out, batch_size=4,
+          report_split=None)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["best.safetensors"]
+
+
 def test_grid_parsing_and_product() -> None:
     grid = parse_grid(["scaling_factor=0.1:1.0:0.1", "density=0.2,0.5", "num_iterations=10:30:10",
                        "weights=[[0.5, 0.5], [1, 0]]"])

@@ -90,8 +90,10 @@ def test_bad_statistics_input_is_one_line_and_leaves_no_store(saved, tmp_path):
                                        "--out", str(tmp_path / "f")])
     assert result.exit_code == 2 and "missing" in result.output and "cls.jsonl" in result.output
     assert list(tmp_path.iterdir()) == []
-    result = CliRunner().invoke(main, ["stats", "fisher", "--model", str(tmp_path), "--data", str(tmp / "cls.jsonl"),
-                                       "--out", str(tmp_path / "f")])
+    not_a_model = tmp_path / "not-a-model"  # (an output inside the model directory would be refused first)
+    not_a_model.mkdir()
+    result = CliRunner().invoke(main, ["stats", "fisher", "--model", str(not_a_model), "--data",
+                                       str(tmp / "cls.jsonl"), "--out", str(tmp_path / "f")])
     assert result.exit_code == 2 and "not a model directory" in result.output
 
 

@@ -2,8 +2,8 @@
 
 Points: `pass` (a reduction pass folded a block), `write` (a block's bytes are written, its journal
 entry not yet), `block` (a block is written and journaled), `commit` (the output is complete and
-synced, not yet moved into place), `swap` (with --overwrite: the old output moved aside, the new
-one not yet in place).
+synced, not yet moved into place), `swap` (with --overwrite of a directory: the old output moved aside,
+the new one not yet in place; a file replaces the old one in one rename).
 """
 
 from __future__ import annotations

@@ -12,66 +12,117 @@ import fcntl
 import json
 import os
 import shutil
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..errors import BlockmergeError
 from . import faults
+from .safetensors_io import read_header
+from .sinks import PROVENANCE_FILE, infer_format
+from .store import FORMAT as STORE_FORMAT
+from .store import MANIFEST
+
+KINDS = {"file": "a blockmerge .safetensors file", "store": "a blockmerge store",
+         "directory": "a blockmerge safetensors (or Hugging Face) directory"}
 
 
 class Output:
-    """The temporary location of one output, resumable, moved into place atomically."""
+    """The temporary location of one output, resumable, moved into place atomically.
 
-    def __init__(self, out: str | os.PathLike, request: dict, *, resume: bool, overwrite: bool):
-        self.out = Path(out).absolute()
+    Everything about OUT is decided before anything is written: it is no input and holds none (inside an
+    input directory it may only be new, and never inside a store); an existing OUT is replaced only with
+    `overwrite` and only when it is a blockmerge output of the same kind; missing parent directories are
+    created (and removed again by `abort`).
+    """
+
+    def __init__(self, out: str | os.PathLike, request: dict, *, resume: bool, overwrite: bool,
+                 format: str | None = None, inputs: Iterable[str | os.PathLike] = ()):
+        self.out = check_output(out, format=format, overwrite=overwrite, inputs=inputs)
+        self.kind = output_kind(self.out, format)
+        self.overwrite = overwrite
         self.work = self.out.parent / f".{self.out.name}.blockmerge-partial"
         self.payload = self.work / self.out.name
         self._lock_path = self.out.parent / f".{self.out.name}.blockmerge-lock"
-        self._lock = self._acquire_lock() if self.out.parent.is_dir() else -1
+        self._lock = -1
+        self._created = make_parents(self.out.parent)
         try:
-            self._start(request, resume, overwrite)
+            self._lock = self._acquire_lock()
+            self._start(request, resume)
         except BaseException:
             self._release_lock()
+            remove_dirs(self._created)
             raise
 
-    def _start(self, request: dict, resume: bool, overwrite: bool) -> None:
-        replaced = self.work / "replaced"
-        if replaced.exists() and not self.out.exists():
-            os.rename(replaced, self.out)  # a run killed mid-swap: the previous output goes back first
+    def _start(self, request: dict, resume: bool) -> None:
         try:
-            exists = self.out.lstat() is not None
-        except FileNotFoundError:
-            exists = False
+            self._check_work_dir()
+            self._recover()
         except OSError as err:
-            raise BlockmergeError(f"cannot write ({err.strerror})", path=self.out) from None
-        if exists and not overwrite:
-            raise BlockmergeError("output already exists (pass --overwrite to replace it)", path=self.out)
-        if not self.out.parent.is_dir():
-            raise BlockmergeError("output directory does not exist", path=self.out.parent)
+            raise _os_error(err, self.work) from None
+        check_existing(self.out, self.kind, self.overwrite)
         self.done: dict[tuple[str, int, int], int] = {}
         request = json.loads(json.dumps(request, sort_keys=True))
-        request_path = self.work / "request.json"
         journal_path = self.work / "journal.jsonl"
         try:
-            if resume and request_path.is_file() and json.loads(request_path.read_text()) == request:
+            if resume and self._resumable(request):
                 self.done = _read_journal(journal_path)
             if not self.done:
-                shutil.rmtree(self.work, ignore_errors=True)
+                if os.path.lexists(self.work):
+                    shutil.rmtree(self.work)
+                os.mkdir(self.work, 0o700)
                 try:
-                    self.work.mkdir()
-                    request_path.write_text(json.dumps(request, sort_keys=True))
+                    _write_new(self.work / "request.json", json.dumps(request, sort_keys=True))
                 except OSError:
                     shutil.rmtree(self.work, ignore_errors=True)
                     raise
             self.resumed = bool(self.done)
-            self._journal = open(journal_path, "a")
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | (0 if self.resumed else os.O_EXCL)
+            self._journal = os.fdopen(os.open(journal_path, flags, 0o600), "a")
         except OSError as err:
             raise _os_error(err, self.work) from None
+
+    def _check_work_dir(self) -> None:
+        """An existing work directory must be this user's own directory, not a link to one."""
+        try:
+            st = self.work.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else (
+                "not a directory" if not stat.S_ISDIR(st.st_mode) else "owned by another user")
+            raise BlockmergeError(f"the output's work directory is {what}; remove it", path=self.work)
+
+    def _recover(self) -> None:
+        """Finish what a run killed between the renames of an overwrite left."""
+        replaced = self.work / "replaced"
+        if not os.path.lexists(replaced):
+            return
+        if not os.path.lexists(self.out):
+            os.rename(replaced, self.out)  # killed between the renames: the previous output goes back
+        elif not os.path.lexists(self.payload):
+            shutil.rmtree(self.work)  # killed after them: OUT is the new output, the rest is left over
+        else:
+            raise BlockmergeError(f"an interrupted overwrite left the previous output in {replaced} while OUT "
+                                  "exists; move one of them away", path=self.out)
+
+    def _resumable(self, request: dict) -> bool:
+        """Whether the work directory holds a run of `request` made of plain files and directories of this user."""
+        if not os.path.lexists(self.payload) or not _plain_tree(self.work):
+            return False
+        try:
+            return json.loads(_read_plain(self.work / "request.json")) == request
+        except (OSError, ValueError):
+            return False
 
     def _acquire_lock(self) -> int:
         while True:
             try:
-                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise BlockmergeError("the output's lock file is a symbolic link; remove it",
+                                          path=self._lock_path) from None
                 raise BlockmergeError(f"cannot write ({err.strerror})", path=self.out) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,7 +130,7 @@ class Output:
                 os.close(fd)
                 raise BlockmergeError("another blockmerge run is writing this output", path=self.out) from None
             try:
-                same = os.fstat(fd).st_ino == os.stat(self._lock_path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self._lock_path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -103,13 +154,14 @@ class Output:
     def commit(self) -> None:
         """Move the finished output onto OUT (replacing it when allowed) and clean up."""
         self._journal.close()
+        check_existing(self.out, self.kind, self.overwrite)
         _fsync_tree(self.payload)
         faults.point("commit")
-        old = self.work / "replaced"
-        if self.out.exists():
-            os.rename(self.out, old)
+        if self.kind != "file" and os.path.lexists(self.out):
+            # a directory cannot be renamed over a non-empty one: the previous output is moved aside first
+            os.rename(self.out, self.work / "replaced")
             faults.point("swap")
-        os.rename(self.payload, self.out)
+        os.rename(self.payload, self.out)  # a file replaces a previous one atomically
         _fsync_dir(self.out.parent)
         shutil.rmtree(self.work, ignore_errors=True)
         self._release_lock()
@@ -126,6 +178,199 @@ class Output:
             self._journal.close()
         shutil.rmtree(self.work, ignore_errors=True)
         self._release_lock()
+        remove_dirs(self._created)
+
+
+def output_kind(out: Path, format: str | None) -> str:
+    """'file', 'store' or 'directory': what an output of `format` (default: from its name) at `out` is."""
+    fmt = infer_format(out, format)
+    if fmt == "store":
+        return "store"
+    return "file" if out.name.endswith(".safetensors") else "directory"
+
+
+def check_output(out: str | os.PathLike, *, format: str | None = None, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """OUT as an absolute path (its directory's symbolic links and `..` resolved), checked before anything is
+    written: a usable place that is no input and holds none (see `_refuse_inputs`), and nothing at it that may
+    not be replaced."""
+    given = Path(out).absolute()
+    if given.name in ("", ".."):
+        given = Path(os.path.realpath(given))
+    if not given.name:
+        raise BlockmergeError("the output must name a file or directory", path=out)
+    _check_parent(given.parent)
+    path = Path(os.path.realpath(given.parent)) / given.name
+    _refuse_inputs(path, inputs)
+    check_existing(path, output_kind(path, format), overwrite)
+    return path
+
+
+def check_existing(out: Path, kind: str, overwrite: bool) -> None:
+    """Refuse what is at OUT unless `overwrite` is given and it is a previous blockmerge output of `kind`."""
+    try:
+        st = out.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise BlockmergeError(f"cannot write ({err.strerror})", path=out) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise BlockmergeError("the output is a symbolic link; name its target or remove it", path=out)
+    if not overwrite:
+        raise BlockmergeError("output already exists (pass --overwrite to replace it)", path=out)
+    found = previous_kind(out)
+    if found is None:
+        raise BlockmergeError("exists and is not a blockmerge output (no blockmerge provenance); --overwrite "
+                              "replaces only blockmerge's own outputs: remove it or choose another output", path=out)
+    if found != kind:
+        raise BlockmergeError(f"is {KINDS[found]}, not {KINDS[kind]}; --overwrite replaces an output only with "
+                              "one of its kind", path=out)
+
+
+def previous_kind(path: Path) -> str | None:
+    """Which kind of blockmerge output is at `path` ('file', 'store', 'directory'), None when it is not one.
+
+    A `.safetensors` file carries its provenance in its header (`blockmerge`), a store its manifest, a
+    safetensors or Hugging Face directory its provenance file.
+    """
+    mode = path.lstat().st_mode
+    if stat.S_ISREG(mode):
+        return "file" if "blockmerge" in _safetensors_metadata(path) else None
+    if not stat.S_ISDIR(mode):
+        return None
+    if _json_object(path / MANIFEST).get("format") == STORE_FORMAT:
+        return "store"
+    if "blockmerge" in _json_object(path / PROVENANCE_FILE):
+        return "directory"
+    return None
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return {}
+    try:
+        return read_header(path, fd)[1]
+    except BlockmergeError:
+        return {}
+    finally:
+        os.close(fd)
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(_read_plain(path))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _read_plain(path: Path) -> str:
+    """The text of a regular file, read without following a symbolic link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return f.read()
+
+
+def _write_new(path: Path, text: str) -> None:
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as f:
+        f.write(text)
+
+
+def _plain_tree(root: Path) -> bool:
+    """Whether everything under `root` is a directory or a regular file of one name, owned by this user (no
+    symbolic or hard links, through which a write would reach a file elsewhere)."""
+    uid = os.getuid()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            plain = stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
+            if st.st_uid != uid or not plain:
+                return False
+    return True
+
+
+def _check_parent(parent: Path) -> None:
+    """The deepest existing directory above OUT must be one (following links); below it nothing exists yet."""
+    existing = parent
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        what = "a broken symbolic link" if os.path.islink(existing) else "not a directory"
+        raise BlockmergeError(f"is {what}, so the output cannot be written under it", path=existing)
+
+
+def _refuse_inputs(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
+    """OUT is no input and holds none; inside an input directory it may only be new (statistics written next to
+    their model), and never inside a store."""
+    real = Path(os.path.realpath(out))
+    for given in inputs:
+        path = Path(os.path.realpath(given))
+        if path in (out, real) or _same_file(out, path):
+            raise BlockmergeError(f"is an input of this run ({given}); choose another output", path=out)
+        if path.is_relative_to(out) or path.is_relative_to(real):
+            raise BlockmergeError(f"holds an input of this run ({given}); choose another output", path=out)
+        if out.is_relative_to(path) or real.is_relative_to(path):
+            if (path / MANIFEST).is_file():
+                raise BlockmergeError(f"lies inside a store this run reads ({given}); choose another output",
+                                      path=out)
+            if os.path.lexists(out):
+                raise BlockmergeError(f"exists inside an input directory of this run ({given}), where nothing is "
+                                      "replaced; choose another output", path=out)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def source_paths(*sources: object) -> list[Path]:
+    """The paths among inputs given as paths, or lists and mappings of them (tensors are skipped)."""
+    found: list[Path] = []
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)):
+            found.append(Path(source))
+        elif isinstance(source, Mapping):
+            found += source_paths(*source.values())
+        elif isinstance(source, (list, tuple)):
+            found += source_paths(*source)
+    return found
+
+
+def make_parents(directory: Path) -> list[Path]:
+    """Create `directory` and its missing parents (mkdir -p); the directories created, outermost first."""
+    missing = []
+    while not os.path.lexists(directory):
+        missing.append(directory)
+        directory = directory.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            if not os.path.isdir(d):  # made by someone else meanwhile: usable only as a directory
+                remove_dirs(created)
+                raise BlockmergeError("is not a directory, so the output cannot be written under it", path=d) from None
+            continue
+        except OSError as err:
+            remove_dirs(created)
+            raise _os_error(err, d) from None
+        created.append(d)
+    return created
+
+
+def remove_dirs(created: list[Path]) -> None:
+    """Remove directories `make_parents` created, innermost first, those still empty."""
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 def _read_journal(path: Path) -> dict[tuple[str, int, int], int]:

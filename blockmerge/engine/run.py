@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ from .buffers import BufferPool
 from .output import Output, _os_error
 from .plan import BlockRef, plan
 from .sinks import DictSink, Sink, open_sink
-from .sources import Checkpoint
+from .sources import Checkpoint, StoreCheckpoint
 from .store import chunk_rows
 from .tensors import FLOATING, TensorSpec, all_finite, itemsize, tensor_bytes, torch_dtype
 
@@ -512,6 +512,18 @@ def _identity(ckpt: Checkpoint) -> list:
     return [ckpt.label, sorted((str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)]
 
 
+def input_paths(job: Job) -> list[Path]:
+    """Every file and store the job's checkpoints read."""
+    ckpts = [*job.models, *([job.base] if job.base else []), *(c for s in job.stats for c in s.values()),
+             *job.base_stats.values()]
+    paths = []
+    for ckpt in ckpts:
+        paths += [*ckpt.paths(), *ckpt.files]
+        if isinstance(ckpt, StoreCheckpoint):
+            paths.append(ckpt.reader.path)
+    return paths
+
+
 def request_of(job: Job, layout: Layout, out_format: str, extra: dict) -> dict:
     """The description a resumed run must match exactly."""
     return {
@@ -537,11 +549,13 @@ def _jsonable(obj: Any) -> Any:
 def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, out_format: str = "store",
             codec: str = "none", shard_bytes: int = 0, resume: bool = False, overwrite: bool = False,
             files: list[Path] | None = None, kind: str = "param", metadata: dict | None = None,
-            executor: DaskExecutor | None = None) -> tuple[Summary, dict[str, torch.Tensor] | None]:
+            executor: DaskExecutor | None = None, inputs: Iterable[str | os.PathLike] = ()
+            ) -> tuple[Summary, dict[str, torch.Tensor] | None]:
     """Run the method's passes and the merge; write to `out` (atomically) or return the tensors.
 
     `kind` and `metadata` label a store output (a statistic computed through the engine). With an
-    `executor`, blocks are read, merged and written by its workers (`out` is then required).
+    `executor`, blocks are read, merged and written by its workers (`out` is then required). `out` is
+    never one of `inputs` (the paths the caller was given) or of the files the job's checkpoints read.
     """
     start_time = time.perf_counter()
     memory.return_freed_blocks_to_the_os()
@@ -554,7 +568,8 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     output = None
     if out is not None:
         extra = {"codec": codec, "shard_bytes": shard_bytes}
-        output = Output(out, request_of(job, layout, out_format, extra), resume=resume, overwrite=overwrite)
+        output = Output(out, request_of(job, layout, out_format, extra), resume=resume, overwrite=overwrite,
+                        format=out_format, inputs=[*inputs, *input_paths(job)])
     # Elementwise kernels on the CPU run on cache-sized slices, one torch thread each and as many slices at once
     # as torch has threads: threads within each small op would only wait at its barrier.
     elementwise = engine.device.type == "cpu" and all(STAT_SHAPES[k] is None for k in layout.used_kinds)

@@ -200,7 +200,8 @@ class SafetensorsWriter:
         header, self.offsets = header_bytes(specs, metadata, reserve)
         self._header_len = len(header)
         total = len(header) + sum(s.nbytes for s in specs.values())
-        self._fd = os.open(self.path, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0), 0o644)
+        # never through a link; a new file is created, never an existing one truncated
+        self._fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0), 0o644)
         if create:
             os.pwrite(self._fd, header, 0)
             os.ftruncate(self._fd, total)

@@ -11,12 +11,12 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from ..errors import BlockmergeError
-from .output import Output
+from .output import Output, check_output, make_parents, remove_dirs
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 from .sources import Checkpoint, SafetensorsCheckpoint
 from .store import KINDS, StoreReader
@@ -56,7 +56,8 @@ def write_statistics_file(store: Path, out: Path, *, overwrite: bool = False) ->
     reader = StoreReader(store, kinds[0])
     header = {"format": "pt", KIND_KEY: kinds[0], "blockmerge": json.dumps(reader.metadata, sort_keys=True)}
     specs = {name: entry.spec for name, entry in reader.entries.items()}
-    output = Output(out, {"statistics_file": uuid.uuid4().hex}, resume=False, overwrite=overwrite)
+    output = Output(out, {"statistics_file": uuid.uuid4().hex}, resume=False, overwrite=overwrite,
+                    format="safetensors")
     try:
         writer = SafetensorsWriter(output.payload, specs, header)
         for name, spec in sorted(specs.items()):
@@ -70,18 +71,21 @@ def write_statistics_file(store: Path, out: Path, *, overwrite: bool = False) ->
 
 
 @contextmanager
-def statistics_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
+def statistics_output(out: str, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
+                      ) -> Iterator[str]:
     """Where a statistics computation writes its store: `out` itself, or for a `.safetensors` out a temporary
-    store converted into that file when the computation succeeds."""
+    store converted into that file when the computation succeeds. A `.safetensors` out is checked against
+    `inputs` (and what is there) before the computation starts."""
     if not out.endswith(".safetensors"):
         yield out
         return
-    target = Path(out)
-    if target.exists() and not overwrite:
-        raise BlockmergeError("output already exists (pass --overwrite to replace it)", path=target)
-    if not target.parent.is_dir():
-        raise BlockmergeError("output directory does not exist", path=target.parent)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        store = Path(tmp) / "statistics"
-        yield str(store)
-        write_statistics_file(store, target, overwrite=overwrite)
+    target = check_output(out, format="safetensors", overwrite=overwrite, inputs=inputs)
+    created = make_parents(target.parent)
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+            store = Path(tmp) / "statistics"
+            yield str(store)
+            write_statistics_file(store, target, overwrite=overwrite)
+    except BaseException:
+        remove_dirs(created)
+        raise

@@ -33,7 +33,7 @@ from ..engine.tensors import tensor_bytes
 from ..errors import BlockmergeError
 from .data import load_task
 from .fisher import mean
-from .shard import Request, positive_int, write_shard
+from .shard import Request, inputs_of, positive_int, write_shard
 from .store import StatisticsWriter
 
 
@@ -81,7 +81,7 @@ def compute_on_dask(request: Request, out: str | os.PathLike, *, overwrite: bool
                                  task=dataclasses.replace(request.task, data=os.path.abspath(request.task.data)))
     examples = len(load_task(remote.task))
     total = examples if request.num_examples is None else min(request.num_examples, examples)
-    with StatisticsWriter(out, overwrite=overwrite) as writer:
+    with StatisticsWriter(out, overwrite=overwrite, inputs=inputs_of(request.model, request.task)) as writer:
         client, cluster = connect(scheduler, progress)
         try:
             bounds = _bounds(total, request.batch_size, shards or sum(client.nthreads().values()))

@@ -13,7 +13,7 @@ from typing import Any
 from ..engine import memory
 from ..errors import BlockmergeError
 from .data import TaskSpec
-from .shard import Request, write_shard
+from .shard import Request, inputs_of, write_shard
 from .store import StatisticsWriter
 
 
@@ -46,7 +46,7 @@ def compute(statistic: str, model_path: str | os.PathLike, task: TaskSpec, out: 
         raise BlockmergeError("a scheduler or shards are given but the executor is local "
                               "(pass executor='dask' / --executor dask)")
     start = time.perf_counter()
-    with StatisticsWriter(out, overwrite=overwrite) as writer:
+    with StatisticsWriter(out, overwrite=overwrite, inputs=inputs_of(request.model, request.task)) as writer:
         result = write_shard(request, writer, 0, num_examples, sums=False, progress=progress)
         summary = request.summary(result, sorted({k for k, _ in writer.checksums}), time.perf_counter() - start,
                                   memory.peak_rss_bytes())

@@ -4,6 +4,7 @@ the request and the computation that a local run (one shard, means) and Dask wor
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -79,6 +80,11 @@ class Request:
             "labels": result["labels"], "batch_size": self.batch_size, "num_examples": self.num_examples,
             "seed": self.seed, "seconds": round(seconds, 3), "peak_rss_bytes": peak_rss_bytes,
         }
+
+
+def inputs_of(model: str | os.PathLike, task: TaskSpec) -> list[str | os.PathLike]:
+    """What a statistic of `model` over `task` reads: the model directory and the task's data (a glob expanded)."""
+    return [model, task.data, *(glob.glob(task.data) if glob.has_magic(task.data) else [])]
 
 
 def positive_int(value: object) -> bool:

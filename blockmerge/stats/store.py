@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,13 @@ class StatisticsWriter:
     """A statistics store being written: `add` each finished accumulator, then `close` with the metadata.
 
     Nothing appears at the output path until `close`; an error (or leaving a `with` block by one)
-    removes everything written.
+    removes everything written. The output is never one of `inputs` (the model and data read).
     """
 
-    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False, codec: str = "none"):
-        self.output = Output(out, {"statistics": uuid.uuid4().hex}, resume=False, overwrite=overwrite)
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False, codec: str = "none",
+                 inputs: Iterable[str | os.PathLike] = ()):
+        self.output = Output(out, {"statistics": uuid.uuid4().hex}, resume=False, overwrite=overwrite, format="store",
+                             inputs=inputs)
         try:
             self.output.payload.mkdir()
             self.writer = StoreWriter(self.output.payload, {}, codec)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from .. import __version__
+from ..engine.output import source_paths
 from ..engine.plan import DEFAULT_BLOCK_BYTES
 from ..engine.run import Job, Layout, Summary, execute
 from ..engine.sinks import parse_size
@@ -46,5 +47,5 @@ def trimmed(model: Any, base: Any, out: str | os.PathLike, *, density: float = 0
     metadata = {"statistic": "trimmed", "density": density, "model": ckpt.label, "base": base_ckpt.label,
                 "blockmerge": __version__}
     summary, _ = execute(job, layout, out, out_format="store", overwrite=overwrite, kind="trimmed",
-                         metadata={"statistics": metadata})
+                         metadata={"statistics": metadata}, inputs=source_paths(model, base))
     return summary

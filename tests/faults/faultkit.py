@@ -148,12 +148,19 @@ def tree_diff(got: dict[str, bytes], want: dict[str, bytes]) -> list[str]:
 
 
 def write_previous(out: Path) -> dict[str, bytes]:
-    """Something already at OUT, for --overwrite cases: a file, or a directory with a file in it."""
+    """A previous blockmerge output at OUT, for --overwrite cases (which replace nothing else), written by hand:
+    a .safetensors file with provenance in its header, a store (`*.store`) or a safetensors directory."""
+    note = "previous output, must survive until the new one is complete"
     if out.name.endswith(".safetensors"):
-        out.write_bytes(b"previous output, must survive until the new one is complete")
+        save_file({"previous": torch.zeros(3)}, out, metadata={"format": "pt", "blockmerge": json.dumps(note)})
     else:
         out.mkdir()
-        (out / "previous.txt").write_text("previous output, must survive until the new one is complete")
+        (out / "previous.txt").write_text(note)
+        if out.name.endswith(".store"):
+            manifest = {"format": "blockmerge-store", "version": 1, "tensors": [], "metadata": {"note": note}}
+            (out / "blockmerge.json").write_text(json.dumps(manifest))
+        else:
+            (out / "blockmerge-provenance.json").write_text(json.dumps({"blockmerge": note}))
     return read_tree(out)
 
 
