@@ -430,7 +430,7 @@ def test_sweep_keeps_the_argmax_of_validation_scores_and_writes_it(lm_family, tm
     independent = []
     for row, value in zip(result["candidates"], grid["scaling_factor"]):
         merged = blockmerge.merge("task_arithmetic", models, base=base, scaling_factor=value)
-        scores = evaluate(merged, tasks, split="validation", config=base)
+        scores = evaluate(merged, tasks, split="validation", config=base, batch_size=4)
         assert row["hyperparameters"] == {"scaling_factor": value}
         assert row["score"] == pytest.approx(scores["score"], rel=1e-9)
         assert row["tasks"]["lm"]["metrics"] == pytest.approx(scores["tasks"]["lm"]["metrics"], rel=1e-9)
@@ -444,7 +444,7 @@ def test_sweep_keeps_the_argmax_of_validation_scores_and_writes_it(lm_family, tm
     assert set(written) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(written[name], tensor), name
-    report = evaluate(out, tasks, split="test", config=base)
+    report = evaluate(out, tasks, split="test", config=base, batch_size=4)
     assert result["best"]["report"]["tasks"] == report["tasks"] and result["out"] == str(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]  # no candidate left behind
     with pytest.raises(BlockmergeError, match="already exists"):
