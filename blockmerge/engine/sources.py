@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
 import stat
 import warnings
 import zipfile
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import torch
 
 from ..errors import BlockmergeError
 from .safetensors_io import SafetensorsFile
-from .store import KINDS, StoreReader, is_store
+from .store import STATISTIC_KINDS, StoreReader, is_store
 from .tensors import TensorSpec, dense_layout_problem, dtype_name
+
+RESOLVERS = "blockmerge.resolvers"  # entry points: (source: str, where) -> Checkpoint | None
+
+KIND_KEY = "blockmerge_statistic"
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                 "pytorch_model.bin")
@@ -318,35 +325,64 @@ def _is_weight_file(p: Path) -> bool:
     return p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
 
 
-def _is_revision(source: object) -> bool:
-    """`REV:PATH` (a file tracked with git-theta, at a revision): a string with a colon naming no file."""
-    return isinstance(source, str) and ":" in source and not Path(source).exists()
+@functools.cache
+def _resolvers() -> tuple[Callable[[str, Any], Checkpoint | None], ...]:
+    return tuple(ep.load() for ep in sorted(entry_points(group=RESOLVERS), key=lambda ep: ep.name))
+
+
+def resolve(source: object, where: str | os.PathLike | None = None) -> Checkpoint | None:
+    """The checkpoint that a resolver registered under the entry-point group `blockmerge.resolvers` finds for a
+    string naming no file (git-theta's `REV:PATH`, say), given `where` to look (a repository); else None."""
+    if not isinstance(source, str) or Path(source).exists():
+        return None
+    for resolver in _resolvers():
+        checkpoint = resolver(source, where)
+        if checkpoint is not None:
+            return checkpoint
+    return None
 
 
 def open_checkpoint(source: object, label: str, kind: str = "param",
                     repo: str | os.PathLike | None = None) -> Checkpoint:
-    """A checkpoint from a path (any supported format), `REV:PATH` in the git-theta repository `repo`
-    (default: the current one), or a mapping of name -> tensor."""
+    """A checkpoint from a path (any supported format), a string a registered resolver knows (`REV:PATH` in the
+    git-theta repository `repo`, default the current one), or a mapping of name -> tensor."""
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, Mapping):
         return MappingCheckpoint(source, label)
-    if _is_revision(source):
-        from ..gittheta.revision import open_revision
-
-        return open_revision(source, repo)
+    resolved = resolve(source, repo)
+    if resolved is not None:
+        return resolved
     if isinstance(source, (str, os.PathLike)):
         return _open_path(Path(source), kind)
     raise BlockmergeError(f"expected a path or a mapping of tensors, got {type(source).__name__}", path=label)
 
 
+def statistics_kind(header: dict[str, str], path: str) -> str:
+    """The statistic kind of a file, from its header or else its name."""
+    kind = header.get(KIND_KEY) or PurePosixPath(path).name.removesuffix(".safetensors")
+    if kind not in STATISTIC_KINDS:
+        raise BlockmergeError(f"cannot tell which statistic this file holds (no {KIND_KEY!r} in its header and "
+                              f"its name is not one of {', '.join(f'{k}.safetensors' for k in STATISTIC_KINDS)})",
+                              path=path)
+    return kind
+
+
+def open_statistics_file(source: str | os.PathLike) -> dict[str, Checkpoint]:
+    """{kind: checkpoint} of a statistics `.safetensors` file."""
+    path = Path(source)
+    header = SafetensorsFile(path).metadata
+    return {statistics_kind(header, str(path)): SafetensorsCheckpoint(path)}
+
+
 def open_statistics(source: object, label: str, repo: str | os.PathLike | None = None) -> dict[str, Checkpoint]:
     """Statistics of one model, by kind: a store holding statistic kinds, a one-kind `.safetensors` file (on
     disk or `REV:PATH` in the git-theta repository `repo`), or {kind: path or mapping}."""
-    if _is_revision(source) or isinstance(source, (str, os.PathLike)) and str(source).endswith(".safetensors"):
-        from .statsfile import open_statistics_file
-
-        return open_statistics_file(source, repo)
+    resolved = resolve(source, repo)
+    if resolved is not None:
+        return {statistics_kind(resolved.header(), str(source)): resolved}
+    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".safetensors"):
+        return open_statistics_file(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not is_store(path):
@@ -356,8 +392,8 @@ def open_statistics(source: object, label: str, repo: str | os.PathLike | None =
     if isinstance(source, Mapping):
         out = {}
         for kind, value in source.items():
-            if kind not in KINDS or kind == "param":
-                raise BlockmergeError(f"unknown statistic kind {kind!r} (choose from {', '.join(KINDS[1:])})",
+            if kind not in STATISTIC_KINDS:
+                raise BlockmergeError(f"unknown statistic kind {kind!r} (choose from {', '.join(STATISTIC_KINDS)})",
                                       path=label)
             out[kind] = open_checkpoint(value, f"{label}[{kind}]", kind, repo)
         return out

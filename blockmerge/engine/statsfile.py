@@ -1,4 +1,5 @@
-"""Statistics as one `.safetensors` file per kind: parameter names as keys, provenance in the header.
+"""Statistics written as one `.safetensors` file per kind: parameter names as keys, provenance in the header
+(`sources.open_statistics_file` reads them).
 
 Unlike a store (a directory), such a file can be tracked with `git theta track` next to its model, so a
 merge names the statistics at the same revision as the model. The kind is recorded in the header
@@ -13,38 +14,13 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..errors import BlockmergeError
 from .output import Output, check_output, make_parents, remove_dirs
-from .safetensors_io import SafetensorsFile, SafetensorsWriter
-from .sources import Checkpoint, SafetensorsCheckpoint
-from .store import KINDS, StoreReader
-
-KIND_KEY = "blockmerge_statistic"
-STATISTIC_KINDS = tuple(k for k in KINDS if k != "param")
-
-
-def statistics_kind(header: dict[str, str], path: str) -> str:
-    """The statistic kind of a file, from its header or else its name."""
-    kind = header.get(KIND_KEY) or PurePosixPath(path).name.removesuffix(".safetensors")
-    if kind not in STATISTIC_KINDS:
-        raise BlockmergeError(f"cannot tell which statistic this file holds (no {KIND_KEY!r} in its header and "
-                              f"its name is not one of {', '.join(f'{k}.safetensors' for k in STATISTIC_KINDS)})",
-                              path=path)
-    return kind
-
-
-def open_statistics_file(source: str | os.PathLike, repo: str | os.PathLike | None = None) -> dict[str, Checkpoint]:
-    """{kind: checkpoint} of a statistics `.safetensors` file, on disk or `REV:PATH` in a git-theta repository."""
-    path = Path(source)
-    if not path.exists() and isinstance(source, str) and ":" in source:
-        from .revision import open_revision
-
-        ckpt = open_revision(source, repo)
-        return {statistics_kind(ckpt.header(), ckpt.path): ckpt}
-    header = SafetensorsFile(path).metadata
-    return {statistics_kind(header, str(path)): SafetensorsCheckpoint(path)}
+from .safetensors_io import SafetensorsWriter
+from .sources import KIND_KEY
+from .store import StoreReader
 
 
 def write_statistics_file(store: Path, out: Path, *, overwrite: bool = False) -> Path:

@@ -37,6 +37,7 @@ CODECS = {
                                                   "typesize": 4, "blocksize": 0}}],
 }
 KINDS = ("param", "fisher", "gram_in", "gram_out", "blockwise_fisher", "trimmed")
+STATISTIC_KINDS = tuple(k for k in KINDS if k != "param")
 _ARRAY_PATH = re.compile(r"^arrays/[0-9]{6}$")
 
 

@@ -106,6 +106,11 @@ def open_revision(spec: str, repo: str | None) -> RevisionCheckpoint:
     return RevisionCheckpoint(Repo(repo or "."), *parts)
 
 
+def resolve(source: str, repo: str | None) -> RevisionCheckpoint | None:
+    """`REV:PATH` as a checkpoint (registered under `blockmerge.resolvers`); None for strings of other forms."""
+    return open_revision(source, repo) if split_revision(source) is not None else None
+
+
 def statistics_path(checkpoint_path: str, kind: str) -> str:
     """Where the statistic `kind` of a tracked checkpoint lives: `<kind>.safetensors` in its directory."""
     return str(PurePosixPath(checkpoint_path).parent / f"{kind}.safetensors").removeprefix("./")

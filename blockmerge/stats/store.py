@@ -14,11 +14,9 @@ import torch
 from .. import __version__
 from ..engine import faults
 from ..engine.output import Output
-from ..engine.store import KINDS, StoreWriter
+from ..engine.store import STATISTIC_KINDS, StoreWriter
 from ..engine.tensors import TensorSpec, tensor_bytes
 from ..errors import BlockmergeError
-
-STATISTIC_KINDS = tuple(k for k in KINDS if k != "param")
 
 
 def model_sha256(model: torch.nn.Module) -> str:
