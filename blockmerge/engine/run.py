@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
 import time
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
 # Elements of one slice of a block merged at a time on the CPU (see _Engine.compute_block).
 SLICE_ELEMENTS = 1 << 18
+# Characters of the provenance around one report of a method, or around one tensor's list of them (a bound).
+REPORT_ENTRY_BYTES = 64
 
 # Shape of a statistic of parameter `p`, by kind; None: the parameter's own shape.
 STAT_SHAPES = {
@@ -468,6 +471,13 @@ class _Engine:
                 self.summary.reports.setdefault(ref.name, []).append({"rows": [start, stop], **report})
         return out
 
+    def slice_rows(self, name: str, method: Method) -> int | None:
+        """Rows of each slice `map_slices` cuts a block of the tensor into; None: blocks are not cut."""
+        spec = self.layout.specs[name]
+        if method.row_blocks and self.device.type == "cpu" and spec.shape:
+            return max(1, SLICE_ELEMENTS // max(1, spec.row_numel))
+        return None
+
     def map_slices(self, raw: _Raw, fn: Callable[[Block], Any], method: Method | None = None) -> Iterator[Any]:
         """fn of the block, or for a row-wise method on the CPU of each of its slices of about SLICE_ELEMENTS
         elements, in order; with `workers`, slices run on those threads, a few at a time.
@@ -478,9 +488,7 @@ class _Engine:
         method = method or self.job.method
         shape = raw.models[0].shape
         rows = shape[0] if len(shape) else 1
-        step = rows
-        if method.row_blocks and self.device.type == "cpu" and len(shape):
-            step = max(1, SLICE_ELEMENTS // max(1, self.layout.specs[raw.ref.name].row_numel))
+        step = self.slice_rows(raw.ref.name, method) or rows
         ranges = [None] if step >= rows else [(first, min(rows, first + step)) for first in range(0, rows, step)]
 
         def task(rows: tuple[int, int] | None) -> Any:
@@ -501,6 +509,20 @@ class _Engine:
             for pending in window:
                 pending.cancel()
             wait(window)
+
+
+def _provenance_bytes(job: Job, engine: _Engine, refs: list[BlockRef], metadata: dict | None) -> int:
+    """A bound on the characters of the provenance's JSON: exact but for the method's reports, bounded by
+    `report_bytes` a slice (checksums have a fixed length)."""
+    size = len(json.dumps({**_provenance(job, engine, {}, {}), **(metadata or {})}))
+    if job.method.report_bytes:
+        merged = [r for r in refs if r.action == "merge"]
+        for ref in merged:
+            step = engine.slice_rows(ref.name, job.method)
+            slices = -(-(ref.stop - ref.start) // step) if step else 1
+            size += slices * (job.method.report_bytes + REPORT_ENTRY_BYTES)
+        size += sum(len(json.dumps(name)) + REPORT_ENTRY_BYTES for name in {r.name for r in merged})
+    return size
 
 
 def _identity(ckpt: Checkpoint) -> list:
@@ -554,6 +576,8 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     if out is not None:
         extra = {"codec": codec, "shard_bytes": shard_bytes}
         output = Output(out, request_of(job, layout, out_format, extra), resume=resume, overwrite=overwrite)
+        provenance_bytes = _provenance_bytes(job, engine, refs, metadata)
+    written = False  # every block is in the output: a failure from then on keeps it, to be finished by a resume
     # Elementwise kernels on the CPU run on cache-sized slices, one torch thread each and as many slices at once
     # as torch has threads: threads within each small op would only wait at its barrier.
     elementwise = engine.device.type == "cpu" and all(STAT_SHAPES[k] is None for k in layout.used_kinds)
@@ -569,19 +593,22 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
                 sink = DictSink(layout.out_specs)
             else:
                 sink = open_sink(output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
-                                 files=files or [], create=not output.resumed, kind=kind)
+                                 files=files or [], create=not output.resumed, kind=kind,
+                                 provenance_bytes=provenance_bytes)
             if executor is None:
                 state = _run_passes(engine, refs)
                 checksums, input_checksums = _merge_pass(engine, refs, sink, state, output)
             else:
                 state = _run_passes(engine, refs, executor.map_blocks)
                 reopen = functools.partial(open_sink, output.payload, out_format, layout.out_specs, codec=codec,
-                                           shard_bytes=shard_bytes, files=[], create=False, kind=kind)
+                                           shard_bytes=shard_bytes, files=[], create=False, kind=kind,
+                                           provenance_bytes=provenance_bytes)
                 checksums, input_checksums = executor.merge_pass(engine, refs, sink, reopen, state, output)
             summary.tensors_merged = sum(a == "merge" for a in layout.actions.values())
             summary.tensors_copied = sum(a == "copy" for a in layout.actions.values())
             summary.tensors_averaged_missing_statistic = sum(a == "average" for a in layout.actions.values())
             summary.blocks = len(refs)
+            written = True
             if output is not None:
                 sink.seal(checksums, {**_provenance(job, engine, checksums, input_checksums), **(metadata or {})})
                 output.commit()
@@ -591,10 +618,18 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
                 output.suspend()
             raise
         except BaseException as err:
-            if output is not None:
+            if output is None:
+                raise
+            if not written:
                 output.abort()
-            if isinstance(err, OSError):
-                raise _os_error(err, Path(out)) from None
+                if isinstance(err, OSError):
+                    raise _os_error(err, Path(out)) from None
+                raise
+            output.suspend()
+            if isinstance(err, (OSError, BlockmergeError)):
+                failure = _os_error(err, Path(out)) if isinstance(err, OSError) else err
+                raise BlockmergeError(f"{failure} (every block is merged and kept: rerun with --resume to finish)"
+                                      ) from None
             raise
     parts = engine.peak_parts
     summary.seconds = time.perf_counter() - start_time
