@@ -185,9 +185,9 @@ class SafetensorsWriter:
         header, self.offsets = header_bytes(specs, metadata, reserve)
         self._header_len = len(header)
         total = len(header) + sum(s.nbytes for s in specs.values())
-        self._fd = os.open(self.path, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0), 0o644)
-        if create:
-            os.pwrite(self._fd, header, 0)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if create else 0), 0o644)
+        if create or os.pread(self._fd, len(header), 0) != header or os.fstat(self._fd).st_size != total:
+            os.pwrite(self._fd, header, 0)  # new, or reopened damaged: its damaged blocks fail their CRC-32
             os.ftruncate(self._fd, total)
 
     def _span(self, name: str, start: int) -> int:

@@ -28,6 +28,9 @@ class Sink:
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def discard(self, name: str, start: int, stop: int) -> None:
+        """Make rows that could not be read back writable again (the rows are to be written anew)."""
+
     def seal(self, checksums: dict[str, str], provenance: dict) -> None:
         raise NotImplementedError
 
@@ -65,6 +68,9 @@ class StoreSink(Sink):
 
     def read(self, name, start, stop):
         return self.writer.read(self.kind, name, start, stop)
+
+    def discard(self, name, start, stop):
+        self.writer.discard(self.kind, name, start, stop)
 
     def seal(self, checksums, provenance):
         self.writer.seal({(self.kind, n): c for n, c in checksums.items()}, provenance)
