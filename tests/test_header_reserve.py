@@ -5,11 +5,13 @@ than it declared), never failing once every block is written."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import blockmerge
 from blockmerge.engine.run import Job, check, execute
@@ -74,3 +76,50 @@ def test_reports_beyond_what_the_method_declared_still_reach_the_header(tmp_path
     assert len(provenance(out)["reports"]) == len(NAMES)
     assert all(torch.equal(t, models[0][n]) for n, t in load_file(out).items())
     assert not (tmp_path / f".{out.name}.blockmerge-partial").exists()
+
+
+LATE_FAILURE = """
+import resource, sys
+from dataclasses import dataclass
+from blockmerge.engine.run import Job, check, execute
+from blockmerge.engine.sources import open_checkpoint
+from blockmerge.plugins import Common, Method
+
+@dataclass(frozen=True)
+class Chatty:
+    pass
+
+def merge(block, hp, state):
+    block.report = {"note": "x" * 2000}
+    return block.models[0]
+
+model, out, limit = sys.argv[1:]
+if int(limit):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+method = Method(name="chatty", description="", hyperparameters=Chatty, merge=merge, row_blocks=False)
+job = Job(method=method, hyperparameters=Chatty(), common=Common(), models=[open_checkpoint(model, "m")])
+summary, _ = execute(job, check(job), out, out_format="safetensors", resume=not int(limit))
+print(summary.blocks_resumed)
+"""
+
+
+def test_a_failure_once_every_block_is_written_keeps_them_for_resume(tmp_path):
+    """The header grows by a copy of the file (reports beyond what the method declared); a file-size limit makes
+    that copy fail: the error says to resume, which then only seals the output."""
+    model = {**many_tensors(1), "big.weight": torch.ones(2048, 1024)}  # 8 MiB: the copy goes past the limit
+    save_file(model, tmp_path / "model.safetensors")
+    out = tmp_path / "out.safetensors"
+
+    def run(limit: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", LATE_FAILURE, str(tmp_path / "model.safetensors"), str(out),
+                               str(limit)], capture_output=True, text=True)
+
+    failed = run(9_400_000)
+    assert failed.returncode != 0 and "rerun with --resume to finish" in failed.stderr, failed.stderr
+    work = tmp_path / f".{out.name}.blockmerge-partial"
+    assert not out.exists() and sorted(p.name for p in work.iterdir()) == ["journal.jsonl", out.name, "request.json"]
+    resumed = run(0)
+    assert resumed.returncode == 0, resumed.stderr
+    assert int(resumed.stdout) == len(model)
+    assert len(provenance(out)["reports"]) == len(model) and not work.exists()
+    assert all(torch.equal(t, model[n]) for n, t in load_file(out).items())
