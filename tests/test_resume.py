@@ -213,3 +213,16 @@ def test_a_resumed_merge_keeps_the_reports_of_the_blocks_it_kept(family, tmp_pat
     assert any(e["reports"] for e in journal(out))
     assert run(out).returncode == 0 and run(fresh).returncode == 0
     assert provenance(out)["reports"] and provenance(out) == provenance(fresh)
+
+
+def test_a_resume_of_other_inputs_says_it_starts_over(family, tmp_path):
+    base, models, base_path, model_paths = family
+    out = tmp_path / "out.safetensors"
+    killed_after(3, "ties", base_path, model_paths, out)
+    rewrite_keeping_size_and_time(model_paths[1], {n: t + 1 if t.is_floating_point() else t
+                                                   for n, t in models[1].items()})
+    os.utime(model_paths[1])  # a new time: the request differs
+    result = cli(*merge_args("ties", base_path, model_paths, out), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"blockmerge: {out}: the partial output was started with other inputs or "
+                                          "options (or is missing): merging from the start"]

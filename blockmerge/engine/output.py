@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,9 @@ class Output:
         try:
             if resume and _same_request(request_path, request) and self.payload.exists():
                 self.done, self.passes = _read_journal(journal_path)
+            elif resume and _read_journal(journal_path)[0]:
+                print(f"blockmerge: {self.out}: the partial output was started with other inputs or options (or "
+                      "is missing): merging from the start", file=sys.stderr)
             if not self.done:
                 shutil.rmtree(self.work, ignore_errors=True)
                 try:
