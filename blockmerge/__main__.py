@@ -1,5 +1,24 @@
-"""`python -m blockmerge` runs the command line."""
+"""`python -m blockmerge` (and the `blockmerge` command) runs the command line."""
 
-from .cli import main
+from blockmerge import interrupts
 
-main()
+
+def run() -> None:
+    """The command line, with Ctrl-C handled from the first import on (see `interrupts`)."""
+    interrupts.leave_on_interrupt()
+    try:
+        from blockmerge.cli import main
+
+        main()
+    except KeyboardInterrupt:
+        interrupts.leave()
+    except SystemExit as done:
+        if done.code == 130:
+            interrupts.leave()  # interrupted: the interpreter's exit is skipped, a Ctrl-C could kill it midway
+        raise
+    finally:
+        interrupts.leave_on_interrupt()
+
+
+if __name__ == "__main__":
+    run()

@@ -12,6 +12,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from . import interrupts
 from .errors import BlockmergeError
 
 LOG_WIDTH = 160  # tables written to a file or pipe with no $COLUMNS
@@ -21,13 +22,14 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Bad input: one line on stderr and exit status 2; an interrupt: exit status 130."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        interrupts.unwind_on_interrupt()
         try:
             return fn(*args, **kwargs)
         except BlockmergeError as err:
             click.echo(f"blockmerge: error: {err}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("blockmerge: interrupted (rerun with --resume to continue)", err=True)
+            interrupts.say()
             sys.exit(130)
     return wrapper
 

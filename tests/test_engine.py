@@ -47,7 +47,7 @@ def test_killed_merge_resumes_to_identical_bytes(family, tmp_path, suffix):
     assert killed.returncode == -9
     assert not out.exists()
     partial = tmp_path / f".{out.name}.blockmerge-partial"
-    assert len((partial / "journal.jsonl").read_text().splitlines()) == 3
+    assert sum('"name"' in line for line in (partial / "journal.jsonl").read_text().splitlines()) == 3
     summary = blockmerge.merge("ties", model_paths, base=base_path, out=out, block_size=512, resume=True)
     assert summary.blocks_resumed == 3
     assert not partial.exists()

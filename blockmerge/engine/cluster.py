@@ -112,10 +112,13 @@ def _worker_engine(spec: _Spec) -> _Engine:
     return _Engine(_opened[spec.token], spec.layout)
 
 
-def _pass_task(spec: _Spec, refs: list[BlockRef], index: int, state: dict) -> tuple[list[tuple[Block, Any]], int]:
-    """Each block's (or slice's) partial of pass `index` with its rows, in plan order; the bytes read."""
+def _pass_task(spec: _Spec, refs: list[BlockRef], index: int, state: dict, crc_reads: bool
+               ) -> tuple[list[tuple[Block, Any]], int, dict]:
+    """Each block's (or slice's) partial of pass `index` with its rows, in plan order; the bytes read; the
+    checksums of the inputs read for each block."""
     engine = _worker_engine(spec)
-    return list(_map_blocks(engine, refs, index, state, "")), engine.summary.bytes_read
+    engine.crc_reads = crc_reads
+    return list(_map_blocks(engine, refs, index, state, "")), engine.summary.bytes_read, engine.block_inputs
 
 
 def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reopen_sink: Callable[[], Sink],
@@ -124,12 +127,13 @@ def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reop
 
     engine = _worker_engine(spec)
     engine.input_hashes = {}
+    engine.crc_reads = True
     stop = Event(stop_event)
     blocks = []
     sink = reopen_sink()
     try:
-        for ref, data, crc, kept in _write_blocks(engine, refs, sink, state, done):
-            blocks.append((ref, crc, kept, len(data)))
+        for ref, data, entry, kept in _write_blocks(engine, refs, sink, state, done):
+            blocks.append((ref, entry, kept, len(data)))
             if stop.is_set():
                 raise BlockmergeError("stopped: another task of this merge failed")
     finally:
@@ -137,7 +141,7 @@ def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reop
             for writer in sink.writers.values():
                 writer.close()  # fsync: the client may be on another machine
     return {"blocks": blocks, "inputs": {k: h.hexdigest() for k, h in engine.input_hashes.items()},
-            "reports": engine.summary.reports, "bytes_read": engine.summary.bytes_read}
+            "reports": engine.summary.reports, "bytes_read": engine.summary.bytes_read, "changed": engine.changed}
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -206,12 +210,13 @@ class DaskExecutor:
         order: what the local executor folds, in the same order."""
         spec = self._spec(engine)
         groups = _by_tensor(refs)
-        futures = [self.client.submit(_pass_task, spec, g, index, state, pure=False) for g in groups]
+        futures = [self.client.submit(_pass_task, spec, g, index, state, engine.crc_reads, pure=False) for g in groups]
         bar = _bar(engine, refs, desc)
         try:
             for group, future in zip(groups, futures):
-                partials, bytes_read = task_result(future)
+                partials, bytes_read, block_inputs = task_result(future)
                 engine.summary.bytes_read += bytes_read
+                engine.block_inputs.update(block_inputs)
                 bar.update(_input_bytes(engine, group))
                 yield from partials
         finally:
@@ -235,9 +240,10 @@ class DaskExecutor:
         try:
             for future in as_completed(futures, loop=self.client.loop):
                 result = task_result(future)
-                for ref, crc, kept, _ in result["blocks"]:
+                for ref, entry, kept, _ in result["blocks"]:
                     if not kept:
-                        output.record(ref.name, ref.start, ref.stop, crc)
+                        output.record(ref.name, ref.start, ref.stop, entry)
+                engine.changed.update(result["changed"])
                 i = position[future.key]
                 results[i] = result
                 bar.update(_input_bytes(engine, groups[i]))
@@ -260,9 +266,9 @@ def _verify(engine: _Engine, groups: list[list[BlockRef]], results: dict[int, di
     inputs: dict[tuple[int, str], str] = {}
     for i in range(len(groups)):
         result = results[i]
-        for ref, crc, kept, nbytes in result["blocks"]:
+        for ref, entry, kept, nbytes in result["blocks"]:
             data = tensor_bytes(sink.read(ref.name, ref.start, ref.stop).contiguous())
-            if zlib.crc32(data) != crc:
+            if zlib.crc32(data) != entry.crc32:
                 raise BlockmergeError(f"rows {ref.start}:{ref.stop} as stored differ from what the worker wrote "
                                       "(is the output on storage every worker sees?)", param=ref.name)
             out_hashes.setdefault(ref.name, hashlib.sha256()).update(data)

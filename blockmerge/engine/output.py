@@ -1,7 +1,9 @@
 """Where an output is written until it is complete: a sibling work directory, a lock and a journal.
 
     .NAME.blockmerge-partial/request.json   what is being merged (a resume must match it)
-    .NAME.blockmerge-partial/journal.jsonl  blocks written, with the CRC-32 of their bytes
+    .NAME.blockmerge-partial/journal.jsonl  blocks written, with the CRC-32 of their bytes, checksums of the
+                                            inputs read for them (and of everything the reduction passes
+                                            read), and the method's reports on them
     .NAME.blockmerge-partial/NAME           the output itself, moved onto OUT when complete
 """
 
@@ -13,7 +15,9 @@ import json
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BlockmergeError
@@ -25,6 +29,16 @@ from .store import MANIFEST
 
 KINDS = {"file": "a blockmerge .safetensors file", "store": "a blockmerge store",
          "directory": "a blockmerge safetensors (or Hugging Face) directory"}
+
+
+@dataclass
+class Journaled:
+    """What the journal says of a written block: the CRC-32 of its bytes, a 32-bit checksum of each input's bytes
+    it was merged from (by role: `models[0]`, `base`, ...), and the method's reports on it."""
+
+    crc32: int
+    inputs: dict[str, int] = field(default_factory=dict)
+    reports: list[dict] = field(default_factory=list)
 
 
 class Output:
@@ -61,12 +75,16 @@ class Output:
         except OSError as err:
             raise _os_error(err, self.work) from None
         check_existing(self.out, self.kind, self.overwrite)
-        self.done: dict[tuple[str, int, int], int] = {}
+        self.done: dict[tuple[str, int, int], Journaled] = {}
+        self.passes: dict[str, int] | None = None  # checksum of each input's bytes the reduction passes read
         request = json.loads(json.dumps(request, sort_keys=True))
         journal_path = self.work / "journal.jsonl"
         try:
             if resume and self._resumable(request):
-                self.done = _read_journal(journal_path)
+                self.done, self.passes = _read_journal(journal_path)
+            elif resume and _read_journal(journal_path)[0]:
+                print(f"blockmerge: {self.out}: the partial output was started with other inputs or options (or "
+                      "is missing): merging from the start", file=sys.stderr)
             if not self.done:
                 if os.path.lexists(self.work):
                     shutil.rmtree(self.work)
@@ -112,8 +130,8 @@ class Output:
             return False
         try:
             return json.loads(_read_plain(self.work / "request.json")) == request
-        except (OSError, ValueError):
-            return False
+        except (OSError, ValueError, RecursionError):
+            return False  # missing or damaged: the merge starts over
 
     def _acquire_lock(self) -> int:
         while True:
@@ -146,9 +164,22 @@ class Output:
             os.close(self._lock)
             self._lock = -1
 
-    def record(self, name: str, start: int, stop: int, crc32: int) -> None:
-        """Journal a block as written; `crc32` of its bytes lets a resume tell it was written whole."""
-        self._journal.write(json.dumps({"name": name, "start": start, "stop": stop, "crc32": crc32}) + "\n")
+    def record(self, name: str, start: int, stop: int, block: Journaled) -> None:
+        """Journal a block as written: a resume keeps it if its bytes and inputs still have these checksums."""
+        self._write({"name": name, "start": start, "stop": stop, "crc32": block.crc32, "inputs": block.inputs,
+                     "reports": block.reports})
+
+    def restart_journal(self, passes: dict[str, int]) -> None:
+        """Journal anew: the checksum of each input's bytes the reduction passes read, then the blocks in `done`."""
+        self._journal.seek(0)
+        self._journal.truncate()
+        self.passes = passes
+        self._write({"passes": passes})
+        for (name, start, stop), block in self.done.items():
+            self.record(name, start, stop, block)
+
+    def _write(self, entry: dict) -> None:
+        self._journal.write(json.dumps(entry) + "\n")
         self._journal.flush()
 
     def commit(self) -> None:
@@ -373,16 +404,26 @@ def remove_dirs(created: list[Path]) -> None:
             return
 
 
-def _read_journal(path: Path) -> dict[tuple[str, int, int], int]:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                item = json.loads(line)
-                done[(item["name"], item["start"], item["stop"])] = int(item["crc32"])
-            except (ValueError, KeyError, TypeError):
-                break  # a torn last line: the blocks after it are redone
-    return done
+def _read_journal(path: Path) -> tuple[dict[tuple[str, int, int], Journaled], dict[str, int] | None]:
+    """The blocks journaled, and what the reduction passes read (None: not journaled)."""
+    done, passes = {}, None
+    try:
+        lines = _read_plain(path).splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    for line in lines:
+        try:
+            item = json.loads(line)
+            if "passes" in item:
+                passes = {str(k): int(v) for k, v in item["passes"].items()}
+                continue
+            inputs = {str(k): int(v) for k, v in item["inputs"].items()}
+            reports = [dict(r) for r in item["reports"]]
+            done[(str(item["name"]), int(item["start"]), int(item["stop"]))] = Journaled(int(item["crc32"]), inputs,
+                                                                                         reports)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            break  # a torn last line: the blocks after it are redone
+    return done, passes
 
 
 def _fsync_tree(path: Path) -> None:

@@ -7,8 +7,10 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
+import sys
 import time
 import uuid
 import zlib
@@ -26,7 +28,7 @@ from ..errors import BlockmergeError
 from ..plugins import Block, Common, Method, get
 from . import faults, memory
 from .buffers import BufferPool
-from .output import Output, _os_error
+from .output import Journaled, Output, _os_error
 from .plan import BlockRef, plan
 from .sinks import DictSink, Sink, open_sink
 from .sources import Checkpoint, StoreCheckpoint
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 
 # Elements of one slice of a block merged at a time on the CPU (see _Engine.compute_block).
 SLICE_ELEMENTS = 1 << 18
+# Characters of the provenance around one report of a method, or around one tensor's list of them (a bound).
+REPORT_ENTRY_BYTES = 64
 
 # Shape of a statistic of parameter `p`, by kind; None: the parameter's own shape.
 STAT_SHAPES = {
@@ -243,6 +247,13 @@ class _Raw:
     nbytes: int
     loan: _Loan
     pool: BufferPool
+    crcs: dict[str, int]  # by input role, a checksum of the bytes read (complete once `input_crcs` returns)
+
+    def input_crcs(self) -> dict[str, int]:
+        """A checksum of the bytes read of each input, by role, once they are computed."""
+        for hashing in self.loan.hashing:
+            hashing.result()
+        return dict(self.crcs)
 
     def release(self) -> None:
         """Drop the tensors and settle their loan (the consumer is done with the block; its loop variable may
@@ -275,6 +286,13 @@ class _Engine:
         self.compute = torch_dtype(job.compute_dtype)
         self.summary = Summary(method=job.method.name)
         self.input_hashes: dict[tuple[int, str], Any] | None = None
+        self.crc_reads = False  # whether reads compute the checksums that resuming checks
+        self.block_inputs: dict[tuple[str, int, int], dict[str, int]] = {}  # checksums of each block read, by role
+        self.roles = {f"models[{t}]": m.label for t, m in enumerate(job.models)}
+        self.roles.update({"base": job.base.label} if job.base else {})
+        self.roles.update({f"stats[{t}].{k}": c.label for t, s in enumerate(job.stats) for k, c in s.items()})
+        self.roles.update({f"base_stats.{k}": c.label for k, c in job.base_stats.items()})
+        self.changed: set[str] = set()  # roles of inputs found to differ from what a resumed output was merged from
         self.labels = [m.label for m in job.models] + ([job.base.label] if job.base else [])
         self.peak_parts = (0, 0)  # (anonymous, file-backed) resident bytes, sampled after each block
         self.checked: set[tuple[int, str, int, int]] = set()  # (input, name, rows) found finite in an earlier pass
@@ -296,9 +314,10 @@ class _Engine:
         return list(range(len(job.models))), ref.action == "merge" and job.base is not None and (
             job.method.needs_base or job.method.base_statistics != ())
 
-    def _read(self, ckpt: Checkpoint, index: int, name: str, start: int, stop: int, loan: _Loan | None = None
-              ) -> torch.Tensor:
-        """Rows of a tensor, checked finite and hashed; into a pool buffer lent to `loan` if one is given."""
+    def _read(self, ckpt: Checkpoint, index: int, role: str, name: str, start: int, stop: int, crcs: dict[str, int],
+              loan: _Loan | None = None) -> torch.Tensor:
+        """Rows of a tensor, checked finite and hashed (a checksum into `crcs[role]`); into a pool buffer lent to
+        `loan` if one is given."""
         if loan is None:
             t = ckpt.read(name, start, stop)
         else:
@@ -313,19 +332,32 @@ class _Engine:
             if not all_finite(t):
                 raise BlockmergeError("contains NaN or Inf", path=ckpt.label, param=name)
             self.checked.add(seen)
-        if self.input_hashes is not None and index >= 0:
+        index = index if self.input_hashes is not None else -1
+        if index >= 0 or self.crc_reads:
             if self.hasher is not None and loan is not None:
-                loan.hashing.append(self.hasher.submit(self._hash, ckpt, index, name, t, stop))
+                loan.hashing.append(self.hasher.submit(self._hash, ckpt, index, role, name, t, stop, crcs))
             else:
-                self._hash(ckpt, index, name, t, stop)
+                self._hash(ckpt, index, role, name, t, stop, crcs)
         return t
 
-    def _hash(self, ckpt: Checkpoint, index: int, name: str, t: torch.Tensor, stop: int) -> None:
-        """Add rows (up to `stop`) to the input's running sha256; at the tensor's end, check a stored checksum."""
+    def _hash(self, ckpt: Checkpoint, index: int, role: str, name: str, t: torch.Tensor, stop: int,
+              crcs: dict[str, int]) -> None:
+        """A 32-bit checksum of the rows into `crcs[role]` (when `crc_reads`); for `index` >= 0, the rows (up to
+        `stop`) added to the input's running sha256, checked against a stored checksum at the tensor's end.
+
+        With a running sha256 the checksum is taken from it (it covers the tensor's rows so far, and costs no
+        second pass over the bytes); else it is their CRC-32.
+        """
+        if index < 0:
+            if self.crc_reads:
+                crcs[role] = zlib.crc32(tensor_bytes(t))
+            return
         key = (index, name)
         if key not in self.input_hashes:
             self.input_hashes[key] = hashlib.sha256()
         self.input_hashes[key].update(tensor_bytes(t))
+        if self.crc_reads:
+            crcs[role] = int.from_bytes(self.input_hashes[key].copy().digest()[:4], "little")
         if (stop if t.dim() else 1) >= ckpt.specs[name].rows and ckpt.checksum(name):
             if self.input_hashes[key].hexdigest() != ckpt.checksum(name):
                 raise BlockmergeError("checksum mismatch: the stored data is corrupt", path=ckpt.label, param=name)
@@ -345,17 +377,17 @@ class _Engine:
             self.whole_name, self.whole_stats, self.fresh = ref.name, {}, set()
         models, with_base = self._inputs(ref)
         rows = (ref.start, ref.stop)
-        loan = _Loan()
+        loan, crcs = _Loan(), {}
         try:
-            raw_models = [self._read(job.models[t], t, ref.name, *rows, loan) for t in models]
-            base = self._read(job.base, len(job.models), ref.name, *rows, loan) if with_base else None
+            raw_models = [self._read(job.models[t], t, f"models[{t}]", ref.name, *rows, crcs, loan) for t in models]
+            base = self._read(job.base, len(job.models), "base", ref.name, *rows, crcs, loan) if with_base else None
             stats, base_stats = {}, {}
             if ref.action == "merge":
                 for kind in self.layout.stat_kinds[ref.name]:
-                    stats[kind] = [self._read_stat(s[kind], kind, ref, (t, kind), loan)
+                    stats[kind] = [self._read_stat(s[kind], kind, ref, (t, kind), crcs, loan)
                                    for t, s in enumerate(job.stats)]
                 for kind in job.method.base_statistics:
-                    base_stats[kind] = self._read_stat(job.base_stats[kind], kind, ref, ("base", kind), loan)
+                    base_stats[kind] = self._read_stat(job.base_stats[kind], kind, ref, ("base", kind), crcs, loan)
         except BaseException:
             loan.settle(self.pool)
             raise
@@ -364,17 +396,19 @@ class _Engine:
                                                              *(x for v in stats.values() for x in v),
                                                              *base_stats.values()] if id(t) not in whole)
         nbytes += sum(t.numel() * t.element_size() for key, t in self.whole_stats.items() if key in self.fresh)
-        return _Raw(ref, raw_models, base, stats, base_stats, nbytes, loan, self.pool)
+        return _Raw(ref, raw_models, base, stats, base_stats, nbytes, loan, self.pool, crcs)
 
-    def _read_stat(self, ckpt: Checkpoint, kind: str, ref: BlockRef, key: tuple, loan: _Loan) -> torch.Tensor:
+    def _read_stat(self, ckpt: Checkpoint, kind: str, ref: BlockRef, key: tuple, crcs: dict[str, int], loan: _Loan
+                   ) -> torch.Tensor:
         """A statistic of the parameter's own shape is cut to the block's rows; others (Grams) are whole,
         read once per parameter and kept for its next row blocks."""
+        role = f"base_stats.{kind}" if key[0] == "base" else f"stats[{key[0]}].{kind}"
         if STAT_SHAPES[kind] is None:
-            return self._read(ckpt, -1, ref.name, ref.start, ref.stop, loan)
+            return self._read(ckpt, -1, role, ref.name, ref.start, ref.stop, crcs, loan)
         if key in self.whole_stats:
             self.fresh.discard(key)
             return self.whole_stats[key]
-        self.whole_stats[key] = self._read(ckpt, -1, ref.name, 0, ckpt.specs[ref.name].rows)
+        self.whole_stats[key] = self._read(ckpt, -1, role, ref.name, 0, ckpt.specs[ref.name].rows, crcs)
         self.fresh.add(key)
         return self.whole_stats[key]
 
@@ -404,6 +438,8 @@ class _Engine:
                     yield raw
                     self.sample_memory()
                     raw.release()
+                    if self.crc_reads:
+                        self.block_inputs[(raw.ref.name, raw.ref.start, raw.ref.stop)] = raw.crcs
                     if pending is None and i + 1 < len(refs):
                         pending = read(i + 1)
         finally:
@@ -469,6 +505,13 @@ class _Engine:
                 self.summary.reports.setdefault(ref.name, []).append({"rows": [start, stop], **report})
         return out
 
+    def slice_rows(self, name: str, method: Method) -> int | None:
+        """Rows of each slice `map_slices` cuts a block of the tensor into; None: blocks are not cut."""
+        spec = self.layout.specs[name]
+        if method.row_blocks and self.device.type == "cpu" and spec.shape and spec.nbytes:
+            return max(1, SLICE_ELEMENTS // max(1, spec.row_numel))
+        return None
+
     def map_slices(self, raw: _Raw, fn: Callable[[Block], Any], method: Method | None = None) -> Iterator[Any]:
         """fn of the block, or for a row-wise method on the CPU of each of its slices of about SLICE_ELEMENTS
         elements, in order; with `workers`, slices run on those threads, a few at a time.
@@ -479,9 +522,7 @@ class _Engine:
         method = method or self.job.method
         shape = raw.models[0].shape
         rows = shape[0] if len(shape) else 1
-        step = rows
-        if method.row_blocks and self.device.type == "cpu" and len(shape) and raw.models[0].numel():
-            step = max(1, SLICE_ELEMENTS // max(1, self.layout.specs[raw.ref.name].row_numel))
+        step = self.slice_rows(raw.ref.name, method) or rows
         ranges = [None] if step >= rows else [(first, min(rows, first + step)) for first in range(0, rows, step)]
 
         def task(rows: tuple[int, int] | None) -> Any:
@@ -502,6 +543,20 @@ class _Engine:
             for pending in window:
                 pending.cancel()
             wait(window)
+
+
+def _provenance_bytes(job: Job, engine: _Engine, refs: list[BlockRef], metadata: dict | None) -> int:
+    """A bound on the characters of the provenance's JSON: exact but for the method's reports, bounded by
+    `report_bytes` a slice (checksums have a fixed length)."""
+    size = len(json.dumps({**_provenance(job, engine, {}, {}), **(metadata or {})}))
+    if job.method.report_bytes:
+        merged = [r for r in refs if r.action == "merge"]
+        for ref in merged:
+            step = engine.slice_rows(ref.name, job.method)
+            slices = -(-(ref.stop - ref.start) // step) if step else 1
+            size += slices * (job.method.report_bytes + REPORT_ENTRY_BYTES)
+        size += sum(len(json.dumps(name)) + REPORT_ENTRY_BYTES for name in {r.name for r in merged})
+    return size
 
 
 def _identity(ckpt: Checkpoint) -> list:
@@ -570,6 +625,8 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
         extra = {"codec": codec, "shard_bytes": shard_bytes}
         output = Output(out, request_of(job, layout, out_format, extra), resume=resume, overwrite=overwrite,
                         format=out_format, inputs=[*inputs, *input_paths(job)])
+        provenance_bytes = _provenance_bytes(job, engine, refs, metadata)
+    written = False  # every block is in the output: a failure from then on keeps it, to be finished by a resume
     # Elementwise kernels on the CPU run on cache-sized slices, one torch thread each and as many slices at once
     # as torch has threads: threads within each small op would only wait at its barrier.
     elementwise = engine.device.type == "cpu" and all(STAT_SHAPES[k] is None for k in layout.used_kinds)
@@ -585,19 +642,23 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
                 sink = DictSink(layout.out_specs)
             else:
                 sink = open_sink(output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
-                                 files=files or [], create=not output.resumed, kind=kind)
+                                 files=files or [], create=not output.resumed, kind=kind,
+                                 provenance_bytes=provenance_bytes)
             if executor is None:
-                state = _run_passes(engine, refs)
+                state = _run_passes(engine, refs, output=output)
                 checksums, input_checksums = _merge_pass(engine, refs, sink, state, output)
             else:
-                state = _run_passes(engine, refs, executor.map_blocks)
+                state = _run_passes(engine, refs, executor.map_blocks, output)
                 reopen = functools.partial(open_sink, output.payload, out_format, layout.out_specs, codec=codec,
-                                           shard_bytes=shard_bytes, files=[], create=False, kind=kind)
+                                           shard_bytes=shard_bytes, files=[], create=False, kind=kind,
+                                           provenance_bytes=provenance_bytes)
                 checksums, input_checksums = executor.merge_pass(engine, refs, sink, reopen, state, output)
             summary.tensors_merged = sum(a == "merge" for a in layout.actions.values())
             summary.tensors_copied = sum(a == "copy" for a in layout.actions.values())
             summary.tensors_averaged_missing_statistic = sum(a == "average" for a in layout.actions.values())
             summary.blocks = len(refs)
+            _say_changed(engine)
+            written = True
             if output is not None:
                 sink.seal(checksums, {**_provenance(job, engine, checksums, input_checksums), **(metadata or {})})
                 output.commit()
@@ -607,10 +668,18 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
                 output.suspend()
             raise
         except BaseException as err:
-            if output is not None:
+            if output is None:
+                raise
+            if not written:
                 output.abort()
-            if isinstance(err, OSError):
-                raise _os_error(err, Path(out)) from None
+                if isinstance(err, OSError):
+                    raise _os_error(err, Path(out)) from None
+                raise
+            output.suspend()
+            if isinstance(err, (OSError, BlockmergeError)):
+                failure = _os_error(err, Path(out)) if isinstance(err, OSError) else err
+                raise BlockmergeError(f"{failure} (every block is merged and kept: rerun with --resume to finish)"
+                                      ) from None
             raise
     parts = engine.peak_parts
     summary.seconds = time.perf_counter() - start_time
@@ -633,19 +702,25 @@ def _torch_threads(count: int) -> Iterator[None]:
 MapBlocks = Callable[[_Engine, list[BlockRef], int, dict, str], Iterator[tuple[Block, Any]]]
 
 
-def _run_passes(engine: _Engine, refs: list[BlockRef], map_blocks: MapBlocks | None = None) -> dict:
-    """The method's reductions, folded in plan order; `map_blocks` maps the blocks (here by default)."""
+def _run_passes(engine: _Engine, refs: list[BlockRef], map_blocks: MapBlocks | None = None,
+                output: Output | None = None) -> dict:
+    """The method's reductions, folded in plan order; `map_blocks` maps the blocks (here by default). With an
+    `output`, what the first pass read is checked against (and journaled in) its journal."""
     job = engine.job
     state: dict = {}
     passes = job.method.passes(job.hyperparameters, engine.layout.used_kinds)
     merge_refs = [r for r in refs if r.action == "merge"]
     for i, p in enumerate(passes):
+        engine.crc_reads = output is not None and i == 0
         started, acc = time.perf_counter(), None
         for block, partial in (map_blocks or _map_blocks)(engine, merge_refs, i, state, f"pass {i + 1}/{len(passes)}"):
             acc = p.fold(acc, partial, block)
             faults.point("pass")
         state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, state))
         engine.summary.pass_seconds.append(time.perf_counter() - started)
+        if engine.crc_reads:
+            _check_passes(engine, refs, output)
+    engine.crc_reads = False
     engine.summary.passes = len(passes) + 1
     return state
 
@@ -664,11 +739,12 @@ def _map_blocks(engine: _Engine, refs: list[BlockRef], index: int, state: dict, 
         yield from engine.map_slices(raw, map_slice)
 
 
-def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict,
-                  done: dict[tuple[str, int, int], int]) -> Iterator[tuple[BlockRef, memoryview, int, bool]]:
-    """Each block merged and written, or kept where `done` has the CRC-32 of the bytes already in the sink.
+def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, done: dict[tuple[str, int, int],
+                  Journaled]) -> Iterator[tuple[BlockRef, memoryview, Journaled, bool]]:
+    """Each block merged and written, or kept where `done` journals it and both its bytes in the sink and the
+    inputs read for it still have the journaled checksums (a kept block's reports come from the journal).
 
-    Yields (block, its output bytes, their CRC-32, kept) in plan order, each once its bytes are
+    Yields (block, its output bytes, its journal entry, kept) in plan order, each once its bytes are
     written. A block is written on a thread of its own while the next one is merged.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-write") as writer:
@@ -676,14 +752,15 @@ def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict
         for raw in engine.blocks(refs, engine.job.label or engine.job.method.name):
             ref = raw.ref
             key = (ref.name, ref.start, ref.stop)
-            if key in done:
-                existing = tensor_bytes(sink.read(*key).contiguous())
-                if zlib.crc32(existing) == done[key]:
-                    if previous is not None:
-                        yield from _written(engine, *previous)
-                        previous = None
-                    yield ref, existing, done[key], True
-                    continue
+            existing = _kept(engine, sink, raw, done[key]) if key in done else None
+            if existing is not None:
+                if previous is not None:
+                    yield from _written(engine, *previous)
+                    previous = None
+                if done[key].reports:
+                    engine.summary.reports.setdefault(ref.name, []).extend(done[key].reports)
+                yield ref, existing, done[key], True
+                continue
             buffer, out = engine.pool.take(engine.layout.out_specs[ref.name], ref.stop - ref.start)
             engine.compute_block(raw, state, out)
             written = writer.submit(_write, sink, ref, out)
@@ -694,6 +771,22 @@ def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict
             yield from _written(engine, *previous)
 
 
+def _kept(engine: _Engine, sink: Sink, raw: _Raw, journaled: Journaled) -> memoryview | None:
+    """A journaled block's bytes in the sink if they and the inputs read for it are as journaled; else None
+    (an input that differs is added to `engine.changed`)."""
+    inputs = raw.input_crcs()
+    if inputs != journaled.inputs:
+        engine.changed.update(r for r in inputs.keys() | journaled.inputs.keys()
+                              if inputs.get(r) != journaled.inputs.get(r))
+        return None
+    try:
+        existing = tensor_bytes(sink.read(raw.ref.name, raw.ref.start, raw.ref.stop).contiguous())
+    except (BlockmergeError, OSError, ValueError):  # a damaged partial output (tensorstore raises ValueError)
+        sink.discard(raw.ref.name, raw.ref.start, raw.ref.stop)
+        return None
+    return existing if zlib.crc32(existing) == journaled.crc32 else None
+
+
 def _write(sink: Sink, ref: BlockRef, rows: torch.Tensor) -> int:
     """Write a merged block; the CRC-32 of its bytes."""
     sink.write(ref.name, ref.start, rows)
@@ -701,10 +794,12 @@ def _write(sink: Sink, ref: BlockRef, rows: torch.Tensor) -> int:
 
 
 def _written(engine: _Engine, ref: BlockRef, rows: torch.Tensor, buffer: torch.Tensor, written: Future
-             ) -> Iterator[tuple[BlockRef, memoryview, int, bool]]:
+             ) -> Iterator[tuple[BlockRef, memoryview, Journaled, bool]]:
     crc = written.result()
     faults.point("write")
-    yield ref, tensor_bytes(rows), crc, False
+    reports = [r for r in engine.summary.reports.get(ref.name, []) if ref.start <= r["rows"][0] < ref.stop]
+    yield ref, tensor_bytes(rows), Journaled(crc, engine.block_inputs.get((ref.name, ref.start, ref.stop), {}),
+                                             reports), False
     engine.pool.give([buffer])
 
 
@@ -712,18 +807,43 @@ def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, 
                 ) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
     """Checksums of the output tensors and of the input tensors read."""
     engine.input_hashes = {}
+    engine.crc_reads = output is not None
     out_hashes: dict[str, Any] = {}
-    for ref, data, crc, kept in _write_blocks(engine, refs, sink, state, output.done if output is not None else {}):
+    for ref, data, entry, kept in _write_blocks(engine, refs, sink, state, output.done if output is not None else {}):
         out_hashes.setdefault(ref.name, hashlib.sha256()).update(data)
         if kept:
             engine.summary.blocks_resumed += 1
             continue
         engine.summary.bytes_written += len(data)
         if output is not None:
-            output.record(ref.name, ref.start, ref.stop, crc)
+            output.record(ref.name, ref.start, ref.stop, entry)
         faults.point("block")
     return ({n: h.hexdigest() for n, h in out_hashes.items()},
             {k: h.hexdigest() for k, h in engine.input_hashes.items()})
+
+
+def _check_passes(engine: _Engine, refs: list[BlockRef], output: Output) -> None:
+    """Journal what the reduction passes read; on a resume where it differs from what they read before, the
+    merged blocks are forgotten (every one depends on every block read through the passes' state)."""
+    merged = [r for r in refs if r.action == "merge"]
+    digest: dict[str, int] = {}
+    for ref in merged:
+        for role, crc in engine.block_inputs.get((ref.name, ref.start, ref.stop), {}).items():
+            digest[role] = zlib.crc32(crc.to_bytes(4, "little"), digest.get(role, 0))
+    if output.passes == digest:
+        return
+    if output.passes is not None:
+        engine.changed.update(r for r in digest.keys() | output.passes.keys() if digest.get(r) != output.passes.get(r))
+    for ref in merged:
+        output.done.pop((ref.name, ref.start, ref.stop), None)
+    output.restart_journal(digest)
+
+
+def _say_changed(engine: _Engine) -> None:
+    """One line for each input found to differ from the bytes a resumed partial output was started from."""
+    for label in sorted({engine.roles[r] for r in engine.changed if r in engine.roles}):
+        print(f"blockmerge: {label} changed since the partial output was started (same size and time, other "
+              "bytes): the blocks merged from its old bytes are merged again", file=sys.stderr)
 
 
 def _provenance(job: Job, engine: _Engine, checksums: dict[str, str], input_checksums: dict[tuple[int, str], str]

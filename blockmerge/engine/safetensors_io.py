@@ -187,6 +187,7 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
+_COPY_BYTES = 64 * 1024 * 1024
 _sync_file_range = libc_function("sync_file_range")
 
 
@@ -202,8 +203,8 @@ class SafetensorsWriter:
         total = len(header) + sum(s.nbytes for s in specs.values())
         # never through a link; a new file is created, never an existing one truncated
         self._fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0), 0o644)
-        if create:
-            os.pwrite(self._fd, header, 0)
+        if create or os.pread(self._fd, len(header), 0) != header or os.fstat(self._fd).st_size != total:
+            os.pwrite(self._fd, header, 0)  # new, or reopened damaged: its damaged blocks fail their CRC-32
             os.ftruncate(self._fd, total)
 
     def _span(self, name: str, start: int) -> int:
@@ -225,13 +226,35 @@ class SafetensorsWriter:
         return out
 
     def set_metadata(self, metadata: dict[str, str]) -> None:
-        """Rewrite the header's metadata in place, within the space reserved at creation."""
+        """Rewrite the header's metadata: in place within the space reserved at creation, else (more than was
+        reserved) into a copy of the file with a larger header."""
         header, _ = header_bytes(self.specs, metadata)
         if len(header) > self._header_len:
-            raise BlockmergeError(f"metadata needs {len(header)} header bytes, {self._header_len} were reserved",
-                                  path=self.path)
+            self._grow_header(len(header))
         raw = header[8:].rstrip(b" ") + b" " * (self._header_len - len(header.rstrip(b" ")))
         os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
+
+    def _grow_header(self, header_len: int) -> None:
+        """Move the tensors' bytes into a new file after a header of `header_len` bytes, which replaces this one."""
+        copy = self.path.with_name(self.path.name + ".grown")
+        fd = os.open(copy, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            data_bytes = sum(s.nbytes for s in self.specs.values())
+            os.ftruncate(fd, header_len + data_bytes)
+            for done in range(0, data_bytes, _COPY_BYTES):
+                chunk = os.pread(self._fd, min(_COPY_BYTES, data_bytes - done), self._header_len + done)
+                written = 0
+                while written < len(chunk):
+                    written += os.pwrite(fd, chunk[written:], header_len + done + written)
+            os.replace(copy, self.path)
+        except BaseException:
+            os.close(fd)
+            copy.unlink(missing_ok=True)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        self.offsets = {n: o + header_len - self._header_len for n, o in self.offsets.items()}
+        self._header_len = header_len
 
     def close(self, sync: bool = True) -> None:
         if self._fd >= 0:

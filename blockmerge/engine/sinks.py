@@ -17,7 +17,6 @@ from .tensors import TensorSpec, torch_dtype
 
 FORMATS = ("store", "safetensors", "hf")
 PROVENANCE_FILE = "blockmerge-provenance.json"
-HEADER_RESERVE = 64 * 1024
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -29,6 +28,9 @@ class Sink:
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def discard(self, name: str, start: int, stop: int) -> None:
+        """Make rows that could not be read back writable again (the rows are to be written anew)."""
 
     def seal(self, checksums: dict[str, str], provenance: dict) -> None:
         raise NotImplementedError
@@ -68,6 +70,9 @@ class StoreSink(Sink):
     def read(self, name, start, stop):
         return self.writer.read(self.kind, name, start, stop)
 
+    def discard(self, name, start, stop):
+        self.writer.discard(self.kind, name, start, stop)
+
     def seal(self, checksums, provenance):
         self.writer.seal({(self.kind, n): c for n, c in checksums.items()}, provenance)
 
@@ -89,11 +94,18 @@ def shard_names(specs: dict[str, TensorSpec], shard_bytes: int) -> dict[str, str
     return {n: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, names in enumerate(shards) for n in names}
 
 
+def metadata_reserve(provenance_bytes: int) -> int:
+    """Header bytes to keep free in a single-file output for a provenance of at most `provenance_bytes` of JSON
+    (each of its characters escaped once more as a header string)."""
+    return len(',"blockmerge":""') + 2 * provenance_bytes
+
+
 class SafetensorsSink(Sink):
-    """One `.safetensors` file (provenance in its header), or a directory of shards with an index."""
+    """One `.safetensors` file (provenance in its header, `reserve` bytes kept for it), or a directory of shards
+    with an index."""
 
     def __init__(self, path: Path, specs: dict[str, TensorSpec], shard_bytes: int, files: list[Path], *,
-                 create: bool, single: bool):
+                 create: bool, single: bool, reserve: int = 0):
         self.path, self.specs, self.single = path, specs, single
         if "__metadata__" in specs:
             raise BlockmergeError("a safetensors output cannot hold a tensor named '__metadata__' (the header's "
@@ -108,7 +120,7 @@ class SafetensorsSink(Sink):
             shard_specs = {n: specs[n] for n, s in self.shard_of.items() if s == shard}
             target = path if single else path / shard
             self.writers[shard] = SafetensorsWriter(target, shard_specs, {"format": "pt"}, create=create,
-                                                    reserve=HEADER_RESERVE if single else 0)
+                                                    reserve=reserve if single else 0)
 
     def write(self, name, start, rows):
         self.writers[self.shard_of[name]].write(name, start, rows)
@@ -140,12 +152,14 @@ def infer_format(out: str | os.PathLike, format: str | None) -> str:
 
 
 def open_sink(path: Path, format: str, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int,
-              files: list[Path], create: bool, kind: str = "param") -> Sink:
-    """The sink writing `format` at `path` (created, or reopened to resume); a store's arrays are of `kind`."""
+              files: list[Path], create: bool, kind: str = "param", provenance_bytes: int = 0) -> Sink:
+    """The sink writing `format` at `path` (created, or reopened to resume); a store's arrays are of `kind`.
+    A single `.safetensors` file keeps room in its header for a provenance of `provenance_bytes` of JSON."""
     if format == "store":
         return StoreSink(path, specs, codec, files, create=create, kind=kind)
     single = path.name.endswith(".safetensors")
-    return SafetensorsSink(path, specs, shard_bytes, files if format == "hf" else [], create=create, single=single)
+    return SafetensorsSink(path, specs, shard_bytes, files if format == "hf" else [], create=create, single=single,
+                           reserve=metadata_reserve(provenance_bytes))
 
 
 def parse_size(text: str | float, param: str | None = None) -> int:

@@ -186,12 +186,18 @@ class StoreWriter:
             self.add(key[0], key[1], spec, create=create)
 
     def add(self, kind: str, name: str, spec: TensorSpec, *, create: bool = True) -> None:
-        """Create (or reopen) the array of one more tensor."""
+        """Create (or reopen) the array of one more tensor; one that cannot be reopened is made anew."""
         entry = Entry(name, kind, f"arrays/{len(self.entries):06d}", spec, None)
         self.entries[(kind, name)] = entry
+        array_spec = _array_spec(self.path, entry, self.codec)
         try:
-            self._arrays[(kind, name)] = ts.open(_array_spec(self.path, entry, self.codec), create=create,
-                                                 open=not create, delete_existing=create).result()
+            if not create:
+                try:
+                    self._arrays[(kind, name)] = ts.open(array_spec, open=True).result()
+                    return
+                except ValueError:
+                    pass  # missing or damaged: its blocks are written again
+            self._arrays[(kind, name)] = ts.open(array_spec, create=True, delete_existing=True).result()
         except ValueError as err:
             raise _write_error(err, self.path / entry.path, name) from None
 
@@ -211,6 +217,17 @@ class StoreWriter:
             return _empty(spec, start, stop)
         array = self._arrays[(kind, name)]
         return from_numpy(np.asarray((array[start:stop] if array.rank else array).read().result(), order="C"))
+
+    def discard(self, kind: str, name: str, start: int, stop: int) -> None:
+        """Delete the chunks holding rows start:stop (damaged ones could not be written over); they read as 0."""
+        entry = self.entries[(kind, name)]
+        root = self.path / entry.path / "c"
+        if not entry.spec.shape:
+            root.unlink(missing_ok=True)
+            return
+        rows = chunk_rows(entry.spec)
+        for index in range(start // rows, (max(stop, start + 1) - 1) // rows + 1):
+            root.joinpath(str(index), *["0"] * (len(entry.spec.shape) - 1)).unlink(missing_ok=True)
 
     def seal(self, checksums: dict[tuple[str, str], str], metadata: dict) -> None:
         """Write the manifest last: a store without one is incomplete."""

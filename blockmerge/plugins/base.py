@@ -85,6 +85,9 @@ class Method:
 
     On the CPU, the slices of a block of a method without Gram statistics are merged (and mapped by
     its passes) on several threads at once: there `merge` and `Pass.map` read `state`, never write it.
+
+    A method that reports (`Block.report`) declares in `report_bytes` the most characters one report takes as
+    JSON: a single-file output keeps that much room in its header (more costs a copy of the file).
     """
 
     name: str
@@ -99,6 +102,7 @@ class Method:
     row_blocks: bool = True
     check: Callable[[Any, int], None] | None = None  # (hyperparameters, number of models); raises ValueError
     needs_for: Callable[[Any], Needs] | None = None
+    report_bytes: int = 0
 
     def needs(self, hyperparameters: Any) -> Needs:
         """What a merge with these hyperparameters needs."""

@@ -187,4 +187,4 @@ def _needs(hp: Mats) -> Needs:
 
 METHOD = Method(name="mats", description=docstring_summary(__doc__), hyperparameters=Mats, merge=_merge,
                 needs_base=True, optional_statistics=NEEDS["blockwise_fisher"].one_of_statistics, row_blocks=False,
-                needs_for=_needs)
+                needs_for=_needs, report_bytes=160)

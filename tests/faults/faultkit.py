@@ -165,12 +165,14 @@ def write_previous(out: Path) -> dict[str, bytes]:
 
 
 def journal_lines(work: Path) -> int:
-    """Complete entries of a work directory's journal (up to a torn line, as blockmerge reads it)."""
+    """Complete block entries of a work directory's journal (up to a torn line, as blockmerge reads it)."""
     p = work / "journal.jsonl"
     n = 0
     for line in p.read_text().splitlines() if p.is_file() else []:
         try:
             item = json.loads(line)
+            if "passes" in item:
+                continue
             item["name"], item["start"], item["stop"], int(item["crc32"])
         except (ValueError, KeyError, TypeError):
             break
