@@ -55,6 +55,14 @@ class Checkpoint:
         """The files whose size and time identify this checkpoint (none when it is in memory)."""
         return []
 
+    def header(self) -> dict[str, str]:
+        """The metadata stored beside the tensors (a safetensors header), where the format keeps any."""
+        return {}
+
+    def file_name(self) -> str:
+        """The name of the file the tensors come from, for rules that go by name (`fisher.safetensors`)."""
+        return Path(self.label).name
+
 
 class MappingCheckpoint(Checkpoint):
     """Tensors already in memory."""
@@ -380,7 +388,7 @@ def open_statistics(source: object, label: str, repo: str | os.PathLike | None =
     disk or `REV:PATH` in the git-theta repository `repo`), or {kind: path or mapping}."""
     resolved = resolve(source, repo)
     if resolved is not None:
-        return {statistics_kind(resolved.header(), str(source)): resolved}
+        return {statistics_kind(resolved.header(), resolved.file_name()): resolved}
     if isinstance(source, (str, os.PathLike)) and str(source).endswith(".safetensors"):
         return open_statistics_file(source)
     if isinstance(source, (str, os.PathLike)):

@@ -61,6 +61,9 @@ class TrackedCheckpoint(Checkpoint):
             array = array.view(ml_dtypes.bfloat16 if entry.dtype == "bfloat16" else np.float16)
         return array
 
+    def file_name(self) -> str:
+        return PurePosixPath(self.path).name
+
     def header(self) -> dict[str, str]:
         """The safetensors header metadata stored with the checkpoint (empty when none was)."""
         if metadata.HEADER_NAME not in self.entries:
