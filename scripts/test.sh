@@ -16,4 +16,5 @@ bash scripts/system-packages.sh git git-lfs "${apt_packages[@]}"
 "$PYTHON" -m pip install -q torch==2.13.0 -e '.[test]'
 "$PYTHON" -m pip install -q --no-deps --only-binary :all: --require-hashes -r benchmarks/realistic/requirements.txt
 "$PYTHON" -m ruff check .
+"$PYTHON" -c "from importlinter.cli import lint_imports_command; lint_imports_command()" --no-cache  # layers: pyproject.toml
 exec "$PYTHON" -m pytest -q -p no:cacheprovider "$@"

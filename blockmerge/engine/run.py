@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -34,9 +34,6 @@ from .sinks import DictSink, Sink, open_sink
 from .sources import Checkpoint, StoreCheckpoint
 from .store import chunk_rows
 from .tensors import FLOATING, TensorSpec, all_finite, itemsize, tensor_bytes, torch_dtype
-
-if TYPE_CHECKING:
-    from .cluster import DaskExecutor
 
 # Elements of one slice of a block merged at a time on the CPU (see _Engine.compute_block).
 SLICE_ELEMENTS = 1 << 18
@@ -604,12 +601,12 @@ def _jsonable(obj: Any) -> Any:
 def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, out_format: str = "store",
             codec: str = "none", shard_bytes: int = 0, resume: bool = False, overwrite: bool = False,
             files: list[Path] | None = None, kind: str = "param", metadata: dict | None = None,
-            executor: DaskExecutor | None = None, inputs: Iterable[str | os.PathLike] = ()
+            executor: Executor | None = None, inputs: Iterable[str | os.PathLike] = ()
             ) -> tuple[Summary, dict[str, torch.Tensor] | None]:
     """Run the method's passes and the merge; write to `out` (atomically) or return the tensors.
 
-    `kind` and `metadata` label a store output (a statistic computed through the engine). With an
-    `executor`, blocks are read, merged and written by its workers (`out` is then required). `out` is
+    `kind` and `metadata` label a store output (a statistic computed through the engine). The blocks are read,
+    merged and written by `executor` (default: this process; another may need `out`). `out` is
     never one of `inputs` (the paths the caller was given) or of the files the job's checkpoints read.
     """
     start_time = time.perf_counter()
@@ -644,15 +641,12 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
                 sink = open_sink(output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
                                  files=files or [], create=not output.resumed, kind=kind,
                                  provenance_bytes=provenance_bytes)
-            if executor is None:
-                state = _run_passes(engine, refs, output=output)
-                checksums, input_checksums = _merge_pass(engine, refs, sink, state, output)
-            else:
-                state = _run_passes(engine, refs, executor.map_blocks, output)
-                reopen = functools.partial(open_sink, output.payload, out_format, layout.out_specs, codec=codec,
-                                           shard_bytes=shard_bytes, files=[], create=False, kind=kind,
-                                           provenance_bytes=provenance_bytes)
-                checksums, input_checksums = executor.merge_pass(engine, refs, sink, reopen, state, output)
+            executor = executor or LocalExecutor()
+            state = _run_passes(engine, refs, executor.map_blocks, output)
+            reopen = None if output is None else functools.partial(
+                open_sink, output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
+                files=[], create=False, kind=kind, provenance_bytes=provenance_bytes)
+            checksums, input_checksums = executor.merge_pass(engine, refs, sink, reopen, state, output)
             summary.tensors_merged = sum(a == "merge" for a in layout.actions.values())
             summary.tensors_copied = sum(a == "copy" for a in layout.actions.values())
             summary.tensors_averaged_missing_statistic = sum(a == "average" for a in layout.actions.values())
@@ -687,6 +681,31 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     summary.peak_rss_anon_bytes, summary.peak_rss_file_bytes = parts
     summary.peak_gpu_bytes = memory.peak_gpu_bytes(engine.device)
     return summary, (sink.tensors if isinstance(sink, DictSink) else None)
+
+
+class Executor(Protocol):
+    """Where a merge's blocks are read and mapped (reduction passes), merged and written."""
+
+    def map_blocks(self, engine: _Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+                   ) -> Iterator[tuple[Block, Any]]:
+        """Each block or slice (tensors dropped) and its partial of pass `index`, in plan order."""
+
+    def merge_pass(self, engine: _Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink] | None,
+                   state: dict, output: Output | None) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+        """Every block merged into `sink` (and journaled in `output`); the sha256 of each output tensor and of
+        each input tensor read. `reopen_sink` opens the sink again (for workers elsewhere)."""
+
+
+class LocalExecutor:
+    """Runs a merge in this process."""
+
+    def map_blocks(self, engine: _Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+                   ) -> Iterator[tuple[Block, Any]]:
+        return _map_blocks(engine, refs, index, state, desc)
+
+    def merge_pass(self, engine: _Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink] | None,
+                   state: dict, output: Output | None) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+        return _merge_pass(engine, refs, sink, state, output)
 
 
 @contextlib.contextmanager
