@@ -73,9 +73,14 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     return tensors if out is None else summary
 
 
-def methods() -> list[dict[str, Any]]:
-    """Every registered method: name, description, hyperparameters (type, default), statistics."""
-    return [describe(m) for _, m in sorted(registry().items())]
+def methods(name: str | None = None, **hyperparameters: Any) -> list[dict[str, Any]]:
+    """Every registered method (or the one named): name, description, hyperparameters (type, default), and the base
+    and statistics it needs at its defaults (or, for the named method, with `hyperparameters`)."""
+    if name is None:
+        return [describe(m) for _, m in sorted(registry().items())]
+    method = get(name)
+    hp, _ = parse_hyperparameters(method, hyperparameters)
+    return [describe(method, hp)]
 
 
 def convert(source: Checkpointish, out: str | os.PathLike, *, format: str | None = None, codec: str = "none",

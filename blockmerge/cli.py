@@ -174,20 +174,26 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, bl
 
 
 @main.command()
+@click.argument("name", required=False)
+@click.option("--set", "sets", multiple=True, help="With NAME: hyperparameter NAME=VALUE whose needs to show.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_errors
-def methods(as_json: bool) -> None:
-    """List merge methods, their hyperparameters (defaults) and statistics."""
-    items = api.methods()
+def methods(name: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """List merge methods, their hyperparameters (defaults) and what they need at the defaults (or, for NAME, with
+    the --set values)."""
+    if sets and name is None:
+        raise BlockmergeError("--set needs a method NAME")
+    items = api.methods(name, **_parse_pairs(sets, "--set"))
     if as_json:
         click.echo(json.dumps(items, indent=1, default=str))
         return
     table = Table(title="merge methods")
-    for col in ("method", "hyperparameters (default)", "needs", "description"):
+    for col in ("method", "hyperparameters (default)", "needs" + (" (with --set)" if sets else ""), "description"):
         table.add_column(col)
     for m in items:
         hps = ", ".join(f"{n}={h['default']}" for n, h in m["hyperparameters"].items())
-        needs = ", ".join((["base"] if m["needs_base"] else []) + m["statistics"]
+        one_of = [f"one of {', '.join(m['one_of_statistics'])}"] if m["one_of_statistics"] else []
+        needs = ", ".join((["base"] if m["needs_base"] else []) + m["statistics"] + one_of
                           + [f"{k} (optional)" for k in m["optional_statistics"]]
                           + [f"base {k}" for k in m["base_statistics"]])
         table.add_row(m["name"], hps, needs or "-", m["description"])

@@ -151,3 +151,19 @@ def test_every_command_line_option_has_help_text():
 
     walk(main, "blockmerge")
     assert not undocumented
+
+
+def test_methods_reports_the_needs_that_needs_computes():
+    from blockmerge.plugins import get, parse_hyperparameters
+
+    listed = json.loads(run("methods", "--json").stdout)
+    for m in listed:
+        method = get(m["name"])
+        needs = method.needs(method.hyperparameters())
+        assert (m["needs_base"], m["statistics"], m["optional_statistics"], m["one_of_statistics"]) == (
+            needs.base, list(needs.statistics), list(needs.optional_statistics), list(needs.one_of_statistics))
+    mats = json.loads(run("methods", "mats", "--set", "initialization=zeros", "--set", "objective=regmean",
+                          "--json").stdout)
+    hp, _ = parse_hyperparameters(get("mats"), {"initialization": "zeros", "objective": "regmean"})
+    assert len(mats) == 1 and mats[0]["needs_base"] is get("mats").needs(hp).base is False
+    assert mats[0]["statistics"] == ["gram_in"]

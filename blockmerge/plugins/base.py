@@ -201,17 +201,20 @@ def parse_hyperparameters(method: Method, values: dict[str, Any]) -> tuple[Any, 
             _build(Common, {k: v for k, v in values.items() if k in common}, method.name))
 
 
-def describe(method: Method) -> dict[str, Any]:
-    """Name, description, hyperparameters with types and defaults, and statistics of a method."""
+def describe(method: Method, hyperparameters: Any = None) -> dict[str, Any]:
+    """Name, description, hyperparameters with types and defaults, and what a merge with `hyperparameters` (default:
+    the defaults) needs, as `Method.needs` computes it."""
     hints = typing.get_type_hints(method.hyperparameters)
+    needs = method.needs(method.hyperparameters() if hyperparameters is None else hyperparameters)
     return {
         "name": method.name,
         "description": method.description,
         "hyperparameters": {f.name: {"type": _type_name(hints[f.name]), "default": f.default}
                             for f in dataclasses.fields(method.hyperparameters)},
-        "needs_base": method.needs_base,
-        "statistics": list(method.statistics),
-        "optional_statistics": list(method.optional_statistics),
+        "needs_base": needs.base,
+        "statistics": list(needs.statistics),
+        "optional_statistics": list(needs.optional_statistics),
+        "one_of_statistics": list(needs.one_of_statistics),
         "base_statistics": list(method.base_statistics),
     }
 
