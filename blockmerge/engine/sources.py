@@ -341,7 +341,7 @@ def _resolvers() -> tuple[Callable[[str, Any], Checkpoint | None], ...]:
 def resolve(source: object, where: str | os.PathLike | None = None) -> Checkpoint | None:
     """The checkpoint that a resolver registered under the entry-point group `blockmerge.resolvers` finds for a
     string naming no file (git-theta's `REV:PATH`, say), given `where` to look (a repository); else None."""
-    if not isinstance(source, str) or Path(source).exists():
+    if not isinstance(source, str) or os.path.exists(source):  # False, not an error, for an unusable name
         return None
     for resolver in _resolvers():
         checkpoint = resolver(source, where)
