@@ -34,7 +34,7 @@ from ..plugins import Block
 from . import memory
 from .output import Output
 from .plan import BlockRef
-from .run import Job, Layout, _Engine, _map_blocks, _write_blocks
+from .run import Engine, Job, Layout, map_pass, write_blocks
 from .sinks import SafetensorsSink, Sink
 from .sources import Checkpoint, open_checkpoint
 from .tensors import TensorSpec, tensor_bytes
@@ -100,7 +100,7 @@ _opened: dict[str, Job] = {}
 _opened_lock = threading.Lock()
 
 
-def _worker_engine(spec: _Spec) -> _Engine:
+def _worker_engine(spec: _Spec) -> Engine:
     """An engine over this merge's inputs, opened once per worker process."""
     with _opened_lock:
         if spec.token not in _opened:
@@ -109,7 +109,7 @@ def _worker_engine(spec: _Spec) -> _Engine:
             memory.return_freed_blocks_to_the_os()
             _opened.clear()
             _opened[spec.token] = _each_input(spec.job, lambda r, kind: r.open())
-    return _Engine(_opened[spec.token], spec.layout)
+    return Engine(_opened[spec.token], spec.layout)
 
 
 def _pass_task(spec: _Spec, refs: list[BlockRef], index: int, state: dict, crc_reads: bool
@@ -118,7 +118,7 @@ def _pass_task(spec: _Spec, refs: list[BlockRef], index: int, state: dict, crc_r
     checksums of the inputs read for each block."""
     engine = _worker_engine(spec)
     engine.crc_reads = crc_reads
-    return list(_map_blocks(engine, refs, index, state, "")), engine.summary.bytes_read, engine.block_inputs
+    return list(map_pass(engine, refs, index, state, "")), engine.summary.bytes_read, engine.block_inputs
 
 
 def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reopen_sink: Callable[[], Sink],
@@ -132,7 +132,7 @@ def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reop
     blocks = []
     sink = reopen_sink()
     try:
-        for ref, data, entry, kept in _write_blocks(engine, refs, sink, state, done):
+        for ref, data, entry, kept in write_blocks(engine, refs, sink, state, done):
             blocks.append((ref, entry, kept, len(data)))
             if stop.is_set():
                 raise BlockmergeError("stopped: another task of this merge failed")
@@ -201,10 +201,10 @@ class DaskExecutor:
     def close(self) -> None:
         disconnect(self.client, self.cluster)
 
-    def _spec(self, engine: _Engine) -> _Spec:
+    def _spec(self, engine: Engine) -> _Spec:
         return _Spec(uuid.uuid4().hex, __version__, self.job, engine.layout)
 
-    def map_blocks(self, engine: _Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+    def map_blocks(self, engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str
                    ) -> Iterator[tuple[Block, Any]]:
         """Each block or slice (its name, rows and shape; no tensors) and its partial result of pass `index`, in plan
         order: what the local executor folds, in the same order."""
@@ -223,7 +223,7 @@ class DaskExecutor:
             bar.close()
             self.client.cancel(futures)
 
-    def merge_pass(self, engine: _Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink],
+    def merge_pass(self, engine: Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink],
                    state: dict, output: Output) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
         """Blocks merged and written by the workers, journaled as they finish; checksums of outputs and inputs."""
         from distributed import Event, as_completed
@@ -258,7 +258,7 @@ class DaskExecutor:
         return _verify(engine, groups, results, sink)
 
 
-def _verify(engine: _Engine, groups: list[list[BlockRef]], results: dict[int, dict], sink: Sink
+def _verify(engine: Engine, groups: list[list[BlockRef]], results: dict[int, dict], sink: Sink
             ) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
     """Every block read back and checked against its worker's CRC-32; the summary filled in plan order."""
     summary = engine.summary
@@ -285,11 +285,11 @@ def _by_tensor(refs: list[BlockRef]) -> list[list[BlockRef]]:
     return [list(g) for _, g in itertools.groupby(refs, key=lambda r: r.name)]
 
 
-def _input_bytes(engine: _Engine, refs: list[BlockRef]) -> int:
+def _input_bytes(engine: Engine, refs: list[BlockRef]) -> int:
     return sum(engine.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
 
 
-def _bar(engine: _Engine, refs: list[BlockRef], desc: str) -> tqdm:
+def _bar(engine: Engine, refs: list[BlockRef], desc: str) -> tqdm:
     return tqdm(total=_input_bytes(engine, refs), desc=desc, unit="B", unit_scale=True,
                 disable=not engine.job.progress, leave=False)
 

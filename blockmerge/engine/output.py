@@ -73,7 +73,7 @@ class Output:
             self._check_work_dir()
             self._recover()
         except OSError as err:
-            raise _os_error(err, self.work) from None
+            raise os_error(err, self.work) from None
         check_existing(self.out, self.kind, self.overwrite)
         self.done: dict[tuple[str, int, int], Journaled] = {}
         self.passes: dict[str, int] | None = None  # checksum of each input's bytes the reduction passes read
@@ -98,7 +98,7 @@ class Output:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | (0 if self.resumed else os.O_EXCL)
             self._journal = os.fdopen(os.open(journal_path, flags, 0o600), "a")
         except OSError as err:
-            raise _os_error(err, self.work) from None
+            raise os_error(err, self.work) from None
 
     def _check_work_dir(self) -> None:
         """An existing work directory must be this user's own directory, not a link to one."""
@@ -390,7 +390,7 @@ def make_parents(directory: Path) -> list[Path]:
             continue
         except OSError as err:
             remove_dirs(created)
-            raise _os_error(err, d) from None
+            raise os_error(err, d) from None
         created.append(d)
     return created
 
@@ -447,7 +447,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _os_error(err: OSError, path: Path) -> BlockmergeError:
+def os_error(err: OSError, path: Path) -> BlockmergeError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return BlockmergeError(f"no space left for the output ({err.strerror})", path=path)
     return BlockmergeError(f"cannot write ({err.strerror})", path=err.filename or path)

@@ -28,14 +28,14 @@ from ..errors import BlockmergeError
 from ..plugins import Block, Common, Method, get
 from . import faults, memory
 from .buffers import BufferPool
-from .output import Journaled, Output, _os_error
+from .output import Journaled, Output, os_error
 from .plan import BlockRef, plan
 from .sinks import DictSink, Sink, open_sink
 from .sources import Checkpoint, StoreCheckpoint
 from .store import chunk_rows
 from .tensors import FLOATING, TensorSpec, all_finite, itemsize, tensor_bytes, torch_dtype
 
-# Elements of one slice of a block merged at a time on the CPU (see _Engine.compute_block).
+# Elements of one slice of a block merged at a time on the CPU (see Engine.compute_block).
 SLICE_ELEMENTS = 1 << 18
 # Characters of the provenance around one report of a method, or around one tensor's list of them (a bound).
 REPORT_ENTRY_BYTES = 64
@@ -276,7 +276,7 @@ class _Loan:
             pool.give(self.buffers)
 
 
-class _Engine:
+class Engine:
     def __init__(self, job: Job, layout: Layout):
         self.job, self.layout = job, layout
         self.device = _device(job.device)
@@ -542,7 +542,7 @@ class _Engine:
             wait(window)
 
 
-def _provenance_bytes(job: Job, engine: _Engine, refs: list[BlockRef], metadata: dict | None) -> int:
+def _provenance_bytes(job: Job, engine: Engine, refs: list[BlockRef], metadata: dict | None) -> int:
     """A bound on the characters of the provenance's JSON: exact but for the method's reports, bounded by
     `report_bytes` a slice (checksums have a fixed length)."""
     size = len(json.dumps({**_provenance(job, engine, {}, {}), **(metadata or {})}))
@@ -611,7 +611,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     """
     start_time = time.perf_counter()
     memory.return_freed_blocks_to_the_os()
-    engine = _Engine(job, layout)
+    engine = Engine(job, layout)
     summary = engine.summary
     align = {n: chunk_rows(s) if out_format == "store" else 1 for n, s in layout.out_specs.items()}
     row_bytes = {name: engine.input_row_bytes(name) for name in layout.specs}
@@ -667,11 +667,11 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
             if not written:
                 output.abort()
                 if isinstance(err, OSError):
-                    raise _os_error(err, Path(out)) from None
+                    raise os_error(err, Path(out)) from None
                 raise
             output.suspend()
             if isinstance(err, (OSError, BlockmergeError)):
-                failure = _os_error(err, Path(out)) if isinstance(err, OSError) else err
+                failure = os_error(err, Path(out)) if isinstance(err, OSError) else err
                 raise BlockmergeError(f"{failure} (every block is merged and kept: rerun with --resume to finish)"
                                       ) from None
             raise
@@ -686,11 +686,11 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
 class Executor(Protocol):
     """Where a merge's blocks are read and mapped (reduction passes), merged and written."""
 
-    def map_blocks(self, engine: _Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+    def map_blocks(self, engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str
                    ) -> Iterator[tuple[Block, Any]]:
         """Each block or slice (tensors dropped) and its partial of pass `index`, in plan order."""
 
-    def merge_pass(self, engine: _Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink] | None,
+    def merge_pass(self, engine: Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink] | None,
                    state: dict, output: Output | None) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
         """Every block merged into `sink` (and journaled in `output`); the sha256 of each output tensor and of
         each input tensor read. `reopen_sink` opens the sink again (for workers elsewhere)."""
@@ -699,11 +699,11 @@ class Executor(Protocol):
 class LocalExecutor:
     """Runs a merge in this process."""
 
-    def map_blocks(self, engine: _Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+    def map_blocks(self, engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str
                    ) -> Iterator[tuple[Block, Any]]:
-        return _map_blocks(engine, refs, index, state, desc)
+        return map_pass(engine, refs, index, state, desc)
 
-    def merge_pass(self, engine: _Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink] | None,
+    def merge_pass(self, engine: Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink] | None,
                    state: dict, output: Output | None) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
         return _merge_pass(engine, refs, sink, state, output)
 
@@ -718,13 +718,12 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-MapBlocks = Callable[[_Engine, list[BlockRef], int, dict, str], Iterator[tuple[Block, Any]]]
+MapBlocks = Callable[[Engine, list[BlockRef], int, dict, str], Iterator[tuple[Block, Any]]]
 
 
-def _run_passes(engine: _Engine, refs: list[BlockRef], map_blocks: MapBlocks | None = None,
-                output: Output | None = None) -> dict:
-    """The method's reductions, folded in plan order; `map_blocks` maps the blocks (here by default). With an
-    `output`, what the first pass read is checked against (and journaled in) its journal."""
+def _run_passes(engine: Engine, refs: list[BlockRef], map_blocks: MapBlocks, output: Output | None = None) -> dict:
+    """The method's reductions, folded in plan order; `map_blocks` maps the blocks. With an `output`, what the
+    first pass read is checked against (and journaled in) its journal."""
     job = engine.job
     state: dict = {}
     passes = job.method.passes(job.hyperparameters, engine.layout.used_kinds)
@@ -732,7 +731,7 @@ def _run_passes(engine: _Engine, refs: list[BlockRef], map_blocks: MapBlocks | N
     for i, p in enumerate(passes):
         engine.crc_reads = output is not None and i == 0
         started, acc = time.perf_counter(), None
-        for block, partial in (map_blocks or _map_blocks)(engine, merge_refs, i, state, f"pass {i + 1}/{len(passes)}"):
+        for block, partial in map_blocks(engine, merge_refs, i, state, f"pass {i + 1}/{len(passes)}"):
             acc = p.fold(acc, partial, block)
             faults.point("pass")
         state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, state))
@@ -744,7 +743,7 @@ def _run_passes(engine: _Engine, refs: list[BlockRef], map_blocks: MapBlocks | N
     return state
 
 
-def _map_blocks(engine: _Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+def map_pass(engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str
                 ) -> Iterator[tuple[Block, Any]]:
     """Each block and its partial result of the method's pass `index`, in plan order."""
     job = engine.job
@@ -758,7 +757,7 @@ def _map_blocks(engine: _Engine, refs: list[BlockRef], index: int, state: dict, 
         yield from engine.map_slices(raw, map_slice)
 
 
-def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, done: dict[tuple[str, int, int],
+def write_blocks(engine: Engine, refs: list[BlockRef], sink: Sink, state: dict, done: dict[tuple[str, int, int],
                   Journaled]) -> Iterator[tuple[BlockRef, memoryview, Journaled, bool]]:
     """Each block merged and written, or kept where `done` journals it and both its bytes in the sink and the
     inputs read for it still have the journaled checksums (a kept block's reports come from the journal).
@@ -790,7 +789,7 @@ def _write_blocks(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict
             yield from _written(engine, *previous)
 
 
-def _kept(engine: _Engine, sink: Sink, raw: _Raw, journaled: Journaled) -> memoryview | None:
+def _kept(engine: Engine, sink: Sink, raw: _Raw, journaled: Journaled) -> memoryview | None:
     """A journaled block's bytes in the sink if they and the inputs read for it are as journaled; else None
     (an input that differs is added to `engine.changed`)."""
     inputs = raw.input_crcs()
@@ -812,7 +811,7 @@ def _write(sink: Sink, ref: BlockRef, rows: torch.Tensor) -> int:
     return zlib.crc32(tensor_bytes(rows))
 
 
-def _written(engine: _Engine, ref: BlockRef, rows: torch.Tensor, buffer: torch.Tensor, written: Future
+def _written(engine: Engine, ref: BlockRef, rows: torch.Tensor, buffer: torch.Tensor, written: Future
              ) -> Iterator[tuple[BlockRef, memoryview, Journaled, bool]]:
     crc = written.result()
     faults.point("write")
@@ -822,13 +821,13 @@ def _written(engine: _Engine, ref: BlockRef, rows: torch.Tensor, buffer: torch.T
     engine.pool.give([buffer])
 
 
-def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, output: Output | None
+def _merge_pass(engine: Engine, refs: list[BlockRef], sink: Sink, state: dict, output: Output | None
                 ) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
     """Checksums of the output tensors and of the input tensors read."""
     engine.input_hashes = {}
     engine.crc_reads = output is not None
     out_hashes: dict[str, Any] = {}
-    for ref, data, entry, kept in _write_blocks(engine, refs, sink, state, output.done if output is not None else {}):
+    for ref, data, entry, kept in write_blocks(engine, refs, sink, state, output.done if output is not None else {}):
         out_hashes.setdefault(ref.name, hashlib.sha256()).update(data)
         if kept:
             engine.summary.blocks_resumed += 1
@@ -841,7 +840,7 @@ def _merge_pass(engine: _Engine, refs: list[BlockRef], sink: Sink, state: dict, 
             {k: h.hexdigest() for k, h in engine.input_hashes.items()})
 
 
-def _check_passes(engine: _Engine, refs: list[BlockRef], output: Output) -> None:
+def _check_passes(engine: Engine, refs: list[BlockRef], output: Output) -> None:
     """Journal what the reduction passes read; on a resume where it differs from what they read before, the
     merged blocks are forgotten (every one depends on every block read through the passes' state)."""
     merged = [r for r in refs if r.action == "merge"]
@@ -858,14 +857,14 @@ def _check_passes(engine: _Engine, refs: list[BlockRef], output: Output) -> None
     output.restart_journal(digest)
 
 
-def _say_changed(engine: _Engine) -> None:
+def _say_changed(engine: Engine) -> None:
     """One line for each input found to differ from the bytes a resumed partial output was started from."""
     for label in sorted({engine.roles[r] for r in engine.changed if r in engine.roles}):
         print(f"blockmerge: {label} changed since the partial output was started (same size and time, other "
               "bytes): the blocks merged from its old bytes are merged again", file=sys.stderr)
 
 
-def _provenance(job: Job, engine: _Engine, checksums: dict[str, str], input_checksums: dict[tuple[int, str], str]
+def _provenance(job: Job, engine: Engine, checksums: dict[str, str], input_checksums: dict[tuple[int, str], str]
                 ) -> dict:
     per_input: dict[int, list[str]] = {}
     for (index, name), digest in sorted(input_checksums.items()):
