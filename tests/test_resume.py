@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_family
+from conftest import make_family, write_family
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -109,13 +109,7 @@ def test_an_unchanged_input_resumes_silently(family, tmp_path):
 def wide(tmp_path):
     """A family whose merge takes a dozen blocks."""
     shapes = {f"layer.{i}.weight": (16, 16) for i in range(4)}
-    base, models = make_family(shapes=shapes)
-    save_file(base, tmp_path / "base.safetensors")
-    paths = []
-    for i, m in enumerate(models):
-        save_file(m, tmp_path / f"model{i}.safetensors")
-        paths.append(tmp_path / f"model{i}.safetensors")
-    return tmp_path / "base.safetensors", paths
+    return write_family(tmp_path, *make_family(shapes=shapes))
 
 
 def data_end(path: Path, entry: dict) -> int:

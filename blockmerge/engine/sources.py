@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import pickle
-import stat
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -18,7 +17,7 @@ import torch
 
 from ..errors import BlockmergeError
 from .safetensors_io import SafetensorsFile
-from .store import STATISTIC_KINDS, StoreReader, is_store
+from .store import STATISTIC_KINDS, StoreReader, is_store, regular_file
 from .tensors import TensorSpec, dense_layout_problem, dtype_name
 
 RESOLVERS = "blockmerge.resolvers"  # entry points: (source: str, where) -> Checkpoint | None
@@ -151,7 +150,7 @@ def _shard_path(index: Path, shard: str) -> Path:
         raise BlockmergeError(f"shard {shard!r} links outside {root}", path=index)
     if not path.exists():
         raise BlockmergeError(f"shard {shard!r} listed in the index does not exist", path=index)
-    return _regular_file(path.absolute())
+    return regular_file(path.absolute())
 
 
 def _link_root(directory: Path) -> Path:
@@ -163,18 +162,6 @@ def _link_root(directory: Path) -> Path:
     if directory.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
         return repo
     return directory
-
-
-def _regular_file(path: Path) -> Path:
-    """`path`, refused unless it is a regular file (or a link to one): a FIFO, socket or device would block
-    a read or never end."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as err:
-        raise BlockmergeError(f"cannot open ({err.strerror.lower()})", path=path) from None
-    if not stat.S_ISREG(mode):
-        raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read)", path=path)
-    return path
 
 
 class TorchCheckpoint(Checkpoint):
@@ -319,7 +306,7 @@ def _open_path(path: Path, kind: str) -> Checkpoint:
                 return ckpt
         raise BlockmergeError("directory holds no checkpoint (no blockmerge store, "
                               f"no {' / '.join(WEIGHT_FILES)})", path=path)
-    _regular_file(path)
+    regular_file(path)
     name = path.name
     if name.endswith((".safetensors", ".safetensors.index.json")):
         return SafetensorsCheckpoint(path)

@@ -161,14 +161,20 @@ def _only_regular_files(array: Path, name: str) -> None:
     """Refuse an array holding a FIFO, socket or device, whose read would block or never end."""
     for folder, _, files in os.walk(array):
         for f in files:
-            path = Path(folder, f)
-            try:
-                regular = stat.S_ISREG(path.stat().st_mode)
-            except OSError as err:
-                raise BlockmergeError(f"cannot read ({err.strerror.lower()})", path=path, param=name) from None
-            if not regular:
-                raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read)", path=path,
-                                      param=name)
+            regular_file(Path(folder, f), name)
+
+
+def regular_file(path: Path, param: str | None = None) -> Path:
+    """`path`, refused unless it is a regular file (or a link to one): a FIFO, socket or device would block
+    a read or never end."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise BlockmergeError(f"cannot open ({err.strerror.lower()})", path=path, param=param) from None
+    if not stat.S_ISREG(mode):
+        raise BlockmergeError("not a regular file (a FIFO, socket or device cannot be read)", path=path,
+                              param=param)
+    return path
 
 
 class StoreWriter:
