@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -16,7 +17,7 @@ import os
 import shutil
 import stat
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -393,6 +394,17 @@ def make_parents(directory: Path) -> list[Path]:
             raise os_error(err, d) from None
         created.append(d)
     return created
+
+
+@contextlib.contextmanager
+def parents_made(directory: Path | None) -> Iterator[None]:
+    """`directory` and its missing parents created (none for None), and removed again if the body fails."""
+    created = make_parents(directory) if directory is not None else []
+    try:
+        yield
+    except BaseException:
+        remove_dirs(created)
+        raise
 
 
 def remove_dirs(created: list[Path]) -> None:

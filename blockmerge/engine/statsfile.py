@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import BlockmergeError
-from .output import Output, check_output, make_parents, remove_dirs
+from .output import Output, check_output, parents_made
 from .safetensors_io import SafetensorsWriter
 from .sources import KIND_KEY
 from .store import StoreReader
@@ -56,12 +56,7 @@ def statistics_output(out: str, *, overwrite: bool = False, inputs: Iterable[str
         yield out
         return
     target = check_output(out, format="safetensors", overwrite=overwrite, inputs=inputs)
-    created = make_parents(target.parent)
-    try:
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-            store = Path(tmp) / "statistics"
-            yield str(store)
-            write_statistics_file(store, target, overwrite=overwrite)
-    except BaseException:
-        remove_dirs(created)
-        raise
+    with parents_made(target.parent), tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        store = Path(tmp) / "statistics"
+        yield str(store)
+        write_statistics_file(store, target, overwrite=overwrite)

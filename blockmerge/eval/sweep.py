@@ -4,7 +4,6 @@ validation split, keep the best and report it on a test split (docs/methods.md Â
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
@@ -19,7 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import api
-from ..engine.output import check_output, make_parents, remove_dirs, source_paths
+from ..engine.output import check_output, parents_made, source_paths
 from ..engine.plan import DEFAULT_BLOCK_BYTES
 from ..errors import BlockmergeError
 from ..plugins import get, parse_hyperparameters
@@ -108,16 +107,6 @@ def dirichlet_weights(num_models: int, num_samples: int, seed: int = 0) -> list[
     return [tuple(float(w) for w in row) for row in draws]
 
 
-@contextlib.contextmanager
-def _removed_on_error(created: list[Path]) -> Iterator[None]:
-    """Remove the (still empty) directories `created` for the output if the body fails."""
-    try:
-        yield
-    except BaseException:
-        remove_dirs(created)
-        raise
-
-
 def sweep(method: str, models: Sequence[Any], tasks: Iterable[Task | str | os.PathLike | Mapping[str, Any]],
           grid: Mapping[str, Sequence[Any]], *, base: Any = None, stats: Sequence[Any] | None = None,
           base_stats: Any = None, out: str | os.PathLike | None = None, format: str | None = None,
@@ -157,9 +146,9 @@ def sweep(method: str, models: Sequence[Any], tasks: Iterable[Task | str | os.Pa
     eval_options = {"config": config_dir, "batch_size": batch_size, "device": device, "dtype": eval_dtype,
                     "progress": progress}
     where = workdir if workdir is not None else (out.parent if out is not None else None)
-    created = make_parents(out.parent) if out is not None else []
     rows: list[dict[str, Any]] = []
-    with _removed_on_error(created), tempfile.TemporaryDirectory(prefix=".blockmerge-sweep-", dir=where) as tmp:
+    with (parents_made(out.parent if out is not None else None),
+          tempfile.TemporaryDirectory(prefix=".blockmerge-sweep-", dir=where) as tmp):
         candidate = Path(tmp) / "candidate.safetensors"
         with tqdm(total=len(grid_candidates), desc=f"sweep {method}", unit="candidate",
                   disable=not progress) as bar:
