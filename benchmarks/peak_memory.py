@@ -369,7 +369,7 @@ def method_inputs(method: str, hyperparameters: dict[str, Any], family: Family, 
     supplied_kinds = {kind for kind, _ in supplied}
     kinds = sorted(set(needs.statistics) | {k for k in needs.optional_statistics + needs.one_of_statistics
                                              if k in supplied_kinds})
-    base_kinds = list(plugin.base_statistics)
+    base_kinds = list(needs.base_statistics)
     reads_base = needs.base or bool(base_kinds)
     stat_bytes = (n_models * sum(s.nbytes for (k, _), s in supplied.items() if k in kinds)
                   + sum(s.nbytes for (k, _), s in statistic_specs(family, base=True).items() if k in base_kinds))

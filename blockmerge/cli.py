@@ -193,9 +193,13 @@ def methods(name: str | None, sets: tuple[str, ...], as_json: bool) -> None:
     for m in items:
         hps = ", ".join(f"{n}={h['default']}" for n, h in m["hyperparameters"].items())
         one_of = [f"one of {', '.join(m['one_of_statistics'])}"] if m["one_of_statistics"] else []
+        least, most = m["model_count"]
+        count = [] if (least, most) == (1, None) else [f"{least} models" if least == most else
+                                                       f"{least}-{most or ''} models"]
         needs = ", ".join((["base"] if m["needs_base"] else []) + m["statistics"] + one_of
                           + [f"{k} (optional)" for k in m["optional_statistics"]]
-                          + [f"base {k}" for k in m["base_statistics"]])
+                          + [f"base {k}" for k in m["base_statistics"]] + count
+                          + (["whole tensors"] if m["granularity"] == "tensor" else []))
         table.add_row(m["name"], hps, needs or "-", m["description"])
     console().print(table)
     click.echo("Formulas, every hyperparameter and the papers: docs/methods.md in blockmerge's source repository.")

@@ -256,7 +256,8 @@ def _scores(result: dict[str, Any]) -> list[float]:
 def _row(name: str, kind: str, path: Path, tasks: list[Task]) -> dict[str, Any]:
     scores = _scores(evaluate(path, tasks, split="test"))
     return {"model": name, "kind": kind, "path": str(path), "accuracy": scores, "mean": sum(scores) / len(scores),
-            "chosen": None, "fixed": None, "inherited": None, "statistics": None, "stats_examples": None,
+            "fine_tunes": None, "chosen": None, "fixed": None, "inherited": None, "statistics": None,
+            "stats_examples": None,
             "validation": None, "merges": None, "seconds": None, "sweep": None}
 
 
@@ -281,7 +282,8 @@ def run_demo(workdir: Path, *, num_models: int = 3, seed: int = 0, progress: boo
     demo does not compute) at the hyperparameters chosen on validation, and evaluate on test; one row per model.
 
     Each row: model (name), kind (base | fine-tuned | merge), path, accuracy (test, per task, list), mean, and for
-    merges (None for the other kinds): chosen (the hyperparameters chosen on validation, {} when none is
+    merges (None for the other kinds): fine_tunes (how many were merged: the first N, for a method of at most N
+    models), chosen (the hyperparameters chosen on validation, {} when none is
     searched), fixed (the others set), inherited (hyperparameter -> the method whose choice it is), statistics
     (what the method read), stats_examples (training sequences per statistic), validation (mean validation
     accuracy of the chosen merge), merges (how many were made), seconds (of choosing and writing it) and sweep
@@ -334,14 +336,15 @@ def _run(workdir: Path, num_models: int, seed: int, progress: bool, steps: int) 
             f"every fine-tune, {', '.join(STATISTICS[n].kinds for n in base_needed) or 'none'} of the base")
     stores = compute_statistics(workdir, base_dir, task_dirs, tasks, needed, base_needed)
 
-    models = [str(d) for d in task_dirs]
     merged = workdir / "merged"
     merged.mkdir(parents=True, exist_ok=True)
     chosen: dict[str, dict[str, Any]] = {}
+    most = {info["name"]: info["model_count"][1] for info in api.methods()}
     for name, plan in methods.items():
+        models = [str(d) for d in task_dirs][:most[name]]  # a method of at most N models merges the first N
         fixed = {**plan.fixed, **{hp: chosen[source][hp] for hp, source in plan.inherit.items()}}
         options = {"base": str(base_dir), "out": merged / name, "format": "hf", "overwrite": True,
-                   "stats": stores[plan.stats]["models"] if plan.stats else None,
+                   "stats": stores[plan.stats]["models"][:len(models)] if plan.stats else None,
                    "base_stats": stores[plan.base_stats]["base"] if plan.base_stats else None}
         start = time.perf_counter()
         if log:
@@ -350,8 +353,8 @@ def _run(workdir: Path, num_models: int, seed: int, progress: bool, steps: int) 
             log(f"{name}: " + (f"searching {searched} on validation" if searched else "merged once")
                 + (f" ({_text(fixed)})" if fixed else ""))
         if plan.weights:
-            points = num_models + 1  # the simplex grid through uniform weights
-            size = math.comb(points - 1 + num_models - 1, num_models - 1)
+            points = len(models) + 1  # the simplex grid through uniform weights
+            size = math.comb(points - 1 + len(models) - 1, len(models) - 1)
             draws = {"grid_points": points} if size <= FISHER_DRAWS else {"num_samples": FISHER_DRAWS, "seed": seed}
             result = search(models, tasks, method=name, **draws, **options, **fixed)
         elif plan.grid:
@@ -372,7 +375,7 @@ def _run(workdir: Path, num_models: int, seed: int, progress: bool, steps: int) 
                                 + ([f"base {STATISTICS[plan.base_stats].kinds}"] if plan.base_stats else []))
         rows.append({"model": name, "kind": "merge", "path": str(merged / name), "accuracy": scores,
                      "mean": sum(scores) / len(scores), "chosen": picked, "fixed": fixed,
-                     "inherited": dict(plan.inherit), "statistics": statistics or None,
+                     "inherited": dict(plan.inherit), "statistics": statistics or None, "fine_tunes": len(models),
                      "stats_examples": examples if statistics else None, "validation": validation, "merges": count,
                      "seconds": time.perf_counter() - start, "sweep": result})
     return rows
@@ -440,6 +443,10 @@ def _caption(rows: list[dict[str, Any]]) -> str:
                                           for hp, v in r["fixed"].items()) for r in merges if r["fixed"]]
     if fixed:
         lines.append("fixed: " + "; ".join(fixed) + ".")
+    every = max((r["fine_tunes"] for r in merges), default=0)
+    fewer = [f"{r['model']} merges task0-task{r['fine_tunes'] - 1} only" for r in merges if r["fine_tunes"] < every]
+    if fewer:
+        lines.append("fine-tunes: " + "; ".join(fewer) + " (it merges at most that many models).")
     read = {kinds for r in merges if r["statistics"] for kinds in r["statistics"].split(" + ")}
     if read:
         examples = max(r["stats_examples"] for r in merges if r["statistics"])

@@ -66,7 +66,7 @@ def _chatty(block: Block, hp: Chatty, state: dict) -> torch.Tensor:
 
 def test_reports_beyond_what_the_method_declared_still_reach_the_header(tmp_path):
     method = Method(name="chatty", description="first model, with long reports", hyperparameters=Chatty,
-                    merge=_chatty, row_blocks=False)
+                    merge=_chatty, granularity="tensor")
     models = [many_tensors(1)]
     from blockmerge.engine.sources import open_checkpoint
 
@@ -96,7 +96,7 @@ def merge(block, hp, state):
 model, out, limit = sys.argv[1:]
 if int(limit):
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
-method = Method(name="chatty", description="", hyperparameters=Chatty, merge=merge, row_blocks=False)
+method = Method(name="chatty", description="", hyperparameters=Chatty, merge=merge, granularity="tensor")
 job = Job(method=method, hyperparameters=Chatty(), common=Common(), models=[open_checkpoint(model, "m")])
 summary, _ = execute(job, check(job), out, out_format="safetensors", resume=not int(limit))
 print(summary.blocks_resumed)

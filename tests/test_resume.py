@@ -184,7 +184,7 @@ MATS_SCRIPT = """
 import sys, blockmerge
 base, out, *models = sys.argv[1:]
 stats = [{"fisher": m.replace("model", "fisher")} for m in models]
-blockmerge.merge("mats", models, base=base, stats=stats, objective="diagonal_fisher", out=out, block_size=512,
+blockmerge.merge("mats", models, base=base, stats=stats, objective="diagonal_fisher", out=out, block_size=17920,
                  resume=True)
 """
 

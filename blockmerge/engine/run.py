@@ -11,10 +11,12 @@ import json
 import os
 import re
 import sys
+import threading
 import time
+import types
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import BlockmergeError
 from ..plugins import Block, Common, Method, get
+from ..plugins.hyperparameters import is_scheduled, places, resolve
 from . import faults, memory
 from .buffers import BufferPool
 from .output import Journaled, Output, os_error
@@ -126,11 +129,10 @@ def check(job: Job) -> Layout:
         raise BlockmergeError(f"{method.name} needs at least one model")
     if needs.base and job.base is None:
         raise BlockmergeError(f"{method.name} needs a base (pretrained) checkpoint: pass base= / --base")
-    if method.check is not None:
-        try:
-            method.check(job.hyperparameters, len(job.models))
-        except ValueError as err:
-            raise BlockmergeError(f"{method.name}: {err}") from None
+    try:
+        method.validate(job.hyperparameters, len(job.models))
+    except ValueError as err:
+        raise BlockmergeError(f"{method.name}: {err}") from None
     if job.dtype is not None and job.dtype not in FLOATING:
         raise BlockmergeError(f"unknown output dtype {job.dtype!r} (choose from {', '.join(sorted(FLOATING))})")
     if job.compute_dtype not in ("float32", "float64"):
@@ -168,7 +170,7 @@ def check(job: Job) -> Layout:
         if needs.one_of_statistics and not kinds & set(needs.one_of_statistics):
             raise BlockmergeError(f"{method.name} reads {' or '.join(map(repr, needs.one_of_statistics))} "
                                   f"statistics; none given for model {t} ({job.models[t].label})")
-    for kind in method.base_statistics:
+    for kind in needs.base_statistics:
         if kind not in job.base_stats:
             raise BlockmergeError(f"{method.name} reads {kind!r} statistics of the base; none given")
     optional = {k for k in needs.optional_statistics + needs.one_of_statistics if all(k in s for s in supplied)}
@@ -191,7 +193,7 @@ def check(job: Job) -> Layout:
                 t = flags.index(False)
                 raise BlockmergeError(f"no {kind!r} statistic for model {t} ({job.models[t].label}) "
                                       "while other models have one", param=name)
-        for kind in method.base_statistics:
+        for kind in needs.base_statistics:
             if name not in job.base_stats[kind].specs and job.common.missing_statistic == "error":
                 raise BlockmergeError(f"no {kind!r} statistic of the base", param=name)
         together = [k for k in dict.fromkeys(declared)
@@ -203,7 +205,7 @@ def check(job: Job) -> Layout:
                                   "them together", param=name)
         applicable = [k for k in sorted(used) if k in together]
         missing = [k for k in applicable if not all(present[k])] if applicable else sorted(used)
-        missing += [k for k in method.base_statistics if name not in job.base_stats[k].specs]
+        missing += [k for k in needs.base_statistics if name not in job.base_stats[k].specs]
         if missing:
             if job.common.missing_statistic == "error":
                 raise BlockmergeError(f"no {missing[0]!r} statistic (missing_statistic=error)", param=name)
@@ -211,6 +213,13 @@ def check(job: Job) -> Layout:
             continue
         actions[name] = "merge"
         stat_kinds[name] = tuple(applicable)
+    if is_scheduled(job.hyperparameters):
+        placed = places(list(specs))
+        for name in (n for n, a in actions.items() if a == "merge"):
+            try:
+                resolve(job.hyperparameters, placed[name])
+            except ValueError as err:
+                raise BlockmergeError(f"{method.name}: {err}", param=name) from None
     return Layout(specs, out_specs, actions, stat_kinds, used)
 
 
@@ -279,6 +288,11 @@ class _Loan:
 class Engine:
     def __init__(self, job: Job, layout: Layout):
         self.job, self.layout = job, layout
+        self.needs = job.method.needs(job.hyperparameters)
+        self.places = places(list(layout.specs))
+        self.resolved: dict[str, Any] = {}  # the hyperparameters at each tensor, schedules resolved
+        self.prepared: tuple[str, Any] | None = None  # the method's `prepare` of the tensor merged last
+        self.prepare_lock = threading.Lock()
         self.device = _device(job.device)
         self.compute = torch_dtype(job.compute_dtype)
         self.summary = Summary(method=job.method.name)
@@ -309,7 +323,7 @@ class Engine:
         if ref.action == "copy":
             return ([], True) if job.base is not None else ([0], False)
         return list(range(len(job.models))), ref.action == "merge" and job.base is not None and (
-            job.method.needs_base or job.method.base_statistics != ())
+            self.needs.base or self.needs.base_statistics != ())
 
     def _read(self, ckpt: Checkpoint, index: int, role: str, name: str, start: int, stop: int, crcs: dict[str, int],
               loan: _Loan | None = None) -> torch.Tensor:
@@ -383,7 +397,7 @@ class Engine:
                 for kind in self.layout.stat_kinds[ref.name]:
                     stats[kind] = [self._read_stat(s[kind], kind, ref, (t, kind), crcs, loan)
                                    for t, s in enumerate(job.stats)]
-                for kind in job.method.base_statistics:
+                for kind in self.needs.base_statistics:
                     base_stats[kind] = self._read_stat(job.base_stats[kind], kind, ref, ("base", kind), crcs, loan)
         except BaseException:
             loan.settle(self.pool)
@@ -481,9 +495,12 @@ class Engine:
         if ref.action == "copy":
             return out.copy_(raw.base if raw.base is not None else raw.models[0])
         method = self.job.method if ref.action == "merge" else get("average")
-        hp = self.job.hyperparameters if ref.action == "merge" else method.hyperparameters()
+        hp = self.hyperparameters_at(ref.name) if ref.action == "merge" else method.hyperparameters()
+        state = types.MappingProxyType(state)
 
         def merge_slice(block: Block) -> tuple[int, int, dict]:
+            if method.prepare is not None:
+                block.prepared = self.prepare(method, block, hp, state)
             result = method.merge(block, hp, state)
             expected = block.models[0].shape
             if tuple(result.shape) != tuple(expected):
@@ -502,10 +519,23 @@ class Engine:
                 self.summary.reports.setdefault(ref.name, []).append({"rows": [start, stop], **report})
         return out
 
+    def hyperparameters_at(self, name: str) -> Any:
+        """The job's hyperparameters with their schedules resolved at tensor `name`."""
+        if name not in self.resolved:
+            self.resolved[name] = resolve(self.job.hyperparameters, self.places[name])
+        return self.resolved[name]
+
+    def prepare(self, method: Method, block: Block, hp: Any, state: Mapping[str, Any]) -> Any:
+        """What `method.prepare` gives for the block's tensor, computed once per tensor."""
+        with self.prepare_lock:
+            if self.prepared is None or self.prepared[0] != block.name:
+                self.prepared = (block.name, method.prepare(block, hp, state))
+            return self.prepared[1]
+
     def slice_rows(self, name: str, method: Method) -> int | None:
         """Rows of each slice `map_slices` cuts a block of the tensor into; None: blocks are not cut."""
         spec = self.layout.specs[name]
-        if method.row_blocks and self.device.type == "cpu" and spec.shape and spec.nbytes:
+        if method.granularity != "tensor" and self.device.type == "cpu" and spec.shape and spec.nbytes:
             return max(1, SLICE_ELEMENTS // max(1, spec.row_numel))
         return None
 
@@ -615,7 +645,13 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     summary = engine.summary
     align = {n: chunk_rows(s) if out_format == "store" else 1 for n, s in layout.out_specs.items()}
     row_bytes = {name: engine.input_row_bytes(name) for name in layout.specs}
-    whole = set() if job.method.row_blocks else {n for n, a in layout.actions.items() if a == "merge"}
+    whole = {n for n, a in layout.actions.items() if a == "merge"} if job.method.granularity == "tensor" else set()
+    for name in sorted(whole):
+        need = row_bytes[name] * layout.specs[name].rows
+        if need > job.block_bytes:
+            raise BlockmergeError(f"{job.method.name} merges whole tensors, and this one's inputs take {need} bytes, "
+                                  f"over the block budget of {job.block_bytes}: raise --block-size (block_size=) to "
+                                  f"at least {need}", param=name)
     refs = plan(layout.specs, layout.actions, row_bytes, job.block_bytes, align, whole)
     output = None
     if out is not None:
@@ -626,7 +662,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     written = False  # every block is in the output: a failure from then on keeps it, to be finished by a resume
     # Elementwise kernels on the CPU run on cache-sized slices, one torch thread each and as many slices at once
     # as torch has threads: threads within each small op would only wait at its barrier.
-    elementwise = engine.device.type == "cpu" and all(STAT_SHAPES[k] is None for k in layout.used_kinds)
+    elementwise = engine.device.type == "cpu" and job.method.granularity == "elementwise"
     threads = torch.get_num_threads()
     with (_torch_threads(1 if elementwise else threads),
           ThreadPoolExecutor(threads, thread_name_prefix="blockmerge-merge", initializer=torch.set_num_threads,
@@ -734,7 +770,7 @@ def _run_passes(engine: Engine, refs: list[BlockRef], map_blocks: MapBlocks, out
         for block, partial in map_blocks(engine, merge_refs, i, state, f"pass {i + 1}/{len(passes)}"):
             acc = p.fold(acc, partial, block)
             faults.point("pass")
-        state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, state))
+        state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, types.MappingProxyType(state)))
         engine.summary.pass_seconds.append(time.perf_counter() - started)
         if engine.crc_reads:
             _check_passes(engine, refs, output)
@@ -749,8 +785,10 @@ def map_pass(engine: Engine, refs: list[BlockRef], index: int, state: dict, desc
     job = engine.job
     p = job.method.passes(job.hyperparameters, engine.layout.used_kinds)[index]
 
+    readonly = types.MappingProxyType(state)
+
     def map_slice(block: Block) -> tuple[Block, Any]:
-        partial = p.map(block, job.hyperparameters, state)
+        partial = p.map(block, engine.hyperparameters_at(block.name), readonly)
         return Block(block.name, block.start, block.stop, block.shape, []), partial
 
     for raw in engine.blocks(refs, desc):

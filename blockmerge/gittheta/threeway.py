@@ -60,7 +60,7 @@ def merge_sides(repo: Repo, path: str, ours: Side, theirs: Side, base: Side, met
     models = [TrackedCheckpoint(repo, side.data, side.label) for side in (ours, theirs)]
     kinds = [*needs.statistics, *needs.optional_statistics, *needs.one_of_statistics]
     stats = [lookup_statistics(repo, side, path, kinds, set(needs.statistics)) for side in (ours, theirs)]
-    base_stats = lookup_statistics(repo, base, path, list(spec.base_statistics), set(spec.base_statistics))
+    base_stats = lookup_statistics(repo, base, path, list(needs.base_statistics), set(needs.base_statistics))
     work = repo.git_dir / "blockmerge"
     work.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=work, prefix="merge-"))

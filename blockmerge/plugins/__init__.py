@@ -10,11 +10,13 @@ import functools
 from importlib.metadata import entry_points
 
 from ..errors import BlockmergeError
-from .base import Block, Common, Method, Pass, describe, parse_hyperparameters
+from .base import Block, Common, Method, Needs, Pass, describe, parse_hyperparameters, tensor_pass
+from .hyperparameters import PerModel, Scheduled
 
 GROUP = "blockmerge.methods"
 
-__all__ = ["Block", "Common", "Method", "Pass", "describe", "get", "parse_hyperparameters", "registry"]
+__all__ = ["Block", "Common", "Method", "Needs", "Pass", "PerModel", "Scheduled", "describe", "get",
+           "parse_hyperparameters", "registry", "tensor_pass"]
 
 
 @functools.cache

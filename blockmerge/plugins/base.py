@@ -1,19 +1,18 @@
-"""What a merge method is: a typed hyperparameter dataclass, a kernel over one block, and its needs."""
+"""What a merge method is: a typed hyperparameter dataclass, a kernel over one block, its needs and granularity."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from ..errors import BlockmergeError
+from .hyperparameters import build, check_model_count, plain, type_name
 
 
 @dataclass
@@ -21,6 +20,7 @@ class Block:
     """One row range of one parameter, across every model and statistic, as float tensors on the device.
 
     A method may put small JSON-able figures in `report`; they reach the summary and the provenance.
+    `prepared` is what the method's `prepare` returned for this tensor.
     Statistics of elementwise kinds (`fisher`, `trimmed`) are cut to the same rows; Gram matrices
     and blockwise Fishers are whole.
     """
@@ -34,6 +34,7 @@ class Block:
     stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     base_stats: dict[str, torch.Tensor] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    prepared: Any = None
 
     @property
     def offset(self) -> int:
@@ -67,24 +68,50 @@ class Needs:
     `statistics`: every model supplies each kind. `optional_statistics`: each kind is read where every
     model supplies it. `one_of_statistics`: every model supplies at least one of the kinds; each is read
     where every model supplies it. The kinds that apply to one tensor's shape are read together.
+    `base_statistics`: kinds the base supplies (read with the base).
     """
 
     base: bool = False
     statistics: tuple[str, ...] = ()
     optional_statistics: tuple[str, ...] = ()
     one_of_statistics: tuple[str, ...] = ()
+    base_statistics: tuple[str, ...] = ()
+
+
+Granularity = Literal["elementwise", "rows", "tensor"]
+
+
+def _nothing(hyperparameters: Any) -> Needs:
+    return Needs()
+
+
+def _no_passes(hyperparameters: Any, kinds: frozenset[str]) -> list[Pass]:
+    return []
 
 
 @dataclass(frozen=True)
 class Method:
     """A merge method as the engine sees it.
 
-    When what it needs depends on the hyperparameters, `needs_for` gives it; `needs_base`, `statistics`
-    and `optional_statistics` then describe the defaults, and `needs_base` must be true for the base to be
-    read where any setting needs it.
+    `merge(block, hyperparameters, state)` returns the merged block: `state` (read-only) holds what the
+    reduction passes (`passes(hyperparameters, statistic kinds read)`) found, `block.prepared` what
+    `prepare(block, hyperparameters, state)` returned for the block's tensor. The hyperparameters a
+    kernel sees are plain: schedules are resolved to the tensor's value (`hyperparameters.resolve`).
+    `needs(hyperparameters)` says which base and statistics a merge reads; `model_count` how many models
+    it merges (least, most; None: no most); `check(hyperparameters, number of models)` may refuse a
+    combination (ValueError) before anything is read.
 
-    On the CPU, the slices of a block of a method without Gram statistics are merged (and mapped by
-    its passes) on several threads at once: there `merge` and `Pass.map` read `state`, never write it.
+    `granularity` says what one output element depends on:
+    - `elementwise`: the same element of every input (and the state): blocks are cut anywhere, and on the
+      CPU slices of a block are merged on several threads at once;
+    - `rows`: the same row of every input and whole statistics (Gram matrices): row blocks, one thread;
+    - `tensor`: the whole tensor: one block per tensor, refused before any read where a tensor's inputs
+      exceed the block budget. A tensor-wide quantity (a norm, a dot product, a threshold) of an
+      otherwise elementwise formula belongs in a reduction pass (`tensor_pass`): the method stays
+      elementwise and within the budget.
+
+    `prepare` runs once per tensor, on the tensor's first slice, before any of its slices merge; it may read
+    only what every slice of the tensor has whole (its name and shape, whole statistics, the state).
 
     A method that reports (`Block.report`) declares in `report_bytes` the most characters one report takes as
     JSON: a single-file output keeps that much room in its header (more costs a copy of the file).
@@ -93,22 +120,48 @@ class Method:
     name: str
     description: str
     hyperparameters: type
-    merge: Callable[[Block, Any, dict], torch.Tensor]
-    needs_base: bool = False
-    statistics: tuple[str, ...] = ()
-    optional_statistics: tuple[str, ...] = ()
-    base_statistics: tuple[str, ...] = ()
-    passes: Callable[[Any, frozenset[str]], list[Pass]] = lambda hp, kinds: []
-    row_blocks: bool = True
-    check: Callable[[Any, int], None] | None = None  # (hyperparameters, number of models); raises ValueError
-    needs_for: Callable[[Any], Needs] | None = None
+    merge: Callable[[Block, Any, Mapping[str, Any]], torch.Tensor]
+    needs: Callable[[Any], Needs] = _nothing
+    granularity: Granularity = "elementwise"
+    passes: Callable[[Any, frozenset[str]], list[Pass]] = _no_passes
+    prepare: Callable[[Block, Any, Mapping[str, Any]], Any] | None = None
+    model_count: tuple[int, int | None] = (1, None)
+    check: Callable[[Any, int], None] | None = None
     report_bytes: int = 0
 
-    def needs(self, hyperparameters: Any) -> Needs:
-        """What a merge with these hyperparameters needs."""
-        if self.needs_for is not None:
-            return self.needs_for(hyperparameters)
-        return Needs(self.needs_base, self.statistics, self.optional_statistics)
+    def validate(self, hyperparameters: Any, num_models: int) -> None:
+        """Raises ValueError where the method does not merge `num_models` models, or the hyperparameters do not fit
+        that many."""
+        least, most = self.model_count
+        if num_models < least or (most is not None and num_models > most):
+            count = (f"exactly {least}" if least == most else f"at least {least}" if most is None
+                     else f"{least} to {most}")
+            raise ValueError(f"merges {count} models, got {num_models}")
+        check_model_count(hyperparameters, num_models)
+        if self.check is not None:
+            self.check(hyperparameters, num_models)
+
+
+def tensor_pass(key: str, row_values: Callable[[Block, Any, Mapping[str, Any]], torch.Tensor],
+                finish: Callable[[list[float], Any], Any] | None = None) -> Pass:
+    """A reduction within each tensor: `row_values(block, hp, state)` gives float64 [rows of the block, k] per-row
+    sums (see `ops.row_sums`); each column is added over the tensor's rows exactly (math.fsum), so the totals do
+    not depend on the blocks. `state[key][name]` is then the k totals, or `finish(totals, hp)` of them."""
+
+    def fold(acc, partial: torch.Tensor, block: Block) -> dict[str, list[torch.Tensor]]:
+        acc = acc if acc is not None else {}
+        acc.setdefault(block.name, []).append(partial)
+        return acc
+
+    def done(acc, hp: Any, state: Mapping[str, Any]) -> dict:
+        totals = {}
+        for name, parts in acc.items():
+            columns = torch.cat(parts).T.tolist()
+            sums = [math.fsum(c) for c in columns]
+            totals[name] = finish(sums, hp) if finish is not None else sums
+        return {key: totals}
+
+    return Pass(row_values, fold, done)
 
 
 MissingStatistic = Literal["average", "error"]
@@ -122,73 +175,6 @@ class Common:
     missing_statistic: MissingStatistic = "average"
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, name)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(errors[-1] if errors else f"bad value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if origin is tuple:
-        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise ValueError(f"expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], name) for v in items)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
-        if not math.isfinite(out):
-            raise ValueError(f"expected a finite number, got {value!r}")
-        return out
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported hyperparameter type {tp}")
-
-
-def _build(cls: type, values: dict[str, Any], method: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in values:
-            try:
-                kwargs[f.name] = _coerce(values[f.name], hints[f.name], f.name)
-            except ValueError as err:
-                raise BlockmergeError(f"{method}: hyperparameter {f.name}: {err}") from None
-    try:
-        return cls(**kwargs)
-    except ValueError as err:
-        raise BlockmergeError(f"{method}: {err}") from None
-
-
 def parse_hyperparameters(method: Method, values: dict[str, Any]) -> tuple[Any, Common]:
     """Typed hyperparameters of `method` and the common options, from names and values (strings allowed)."""
     own = {f.name for f in dataclasses.fields(method.hyperparameters)}
@@ -197,57 +183,28 @@ def parse_hyperparameters(method: Method, values: dict[str, Any]) -> tuple[Any, 
     if unknown:
         valid = ", ".join(sorted(own | common))
         raise BlockmergeError(f"{method.name}: unknown hyperparameter {unknown[0]!r} (valid: {valid})")
-    return (_build(method.hyperparameters, {k: v for k, v in values.items() if k in own}, method.name),
-            _build(Common, {k: v for k, v in values.items() if k in common}, method.name))
+    return (build(method.hyperparameters, {k: v for k, v in values.items() if k in own}, method.name),
+            build(Common, {k: v for k, v in values.items() if k in common}, method.name))
 
 
 def describe(method: Method, hyperparameters: Any = None) -> dict[str, Any]:
-    """Name, description, hyperparameters with types and defaults, and what a merge with `hyperparameters` (default:
-    the defaults) needs, as `Method.needs` computes it."""
-    hints = typing.get_type_hints(method.hyperparameters)
+    """Name, description, granularity, hyperparameters with types and defaults, and what a merge with
+    `hyperparameters` (default: the defaults) needs, as `Method.needs` computes it."""
+    hints = typing.get_type_hints(method.hyperparameters, include_extras=True)
     needs = method.needs(method.hyperparameters() if hyperparameters is None else hyperparameters)
     return {
         "name": method.name,
         "description": method.description,
-        "hyperparameters": {f.name: {"type": _type_name(hints[f.name]), "default": f.default}
+        "granularity": method.granularity,
+        "model_count": list(method.model_count),
+        "hyperparameters": {f.name: {"type": type_name(hints[f.name]), "default": plain(f.default)}
                             for f in dataclasses.fields(method.hyperparameters)},
         "needs_base": needs.base,
         "statistics": list(needs.statistics),
         "optional_statistics": list(needs.optional_statistics),
         "one_of_statistics": list(needs.one_of_statistics),
-        "base_statistics": list(method.base_statistics),
+        "base_statistics": list(needs.base_statistics),
     }
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "|".join(map(str, typing.get_args(tp)))
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def summed(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Σ of same-shaped tensors, in a new tensor."""
-    total = tensors[0].clone()
-    for t in tensors[1:]:
-        total += t
-    return total
-
-
-@contextlib.contextmanager
-def thread_count_independent() -> Iterator[None]:
-    """Torch runs this thread's operations on one thread inside: reductions (sums, dot products) and LAPACK
-    factorizations split their work by the thread count, so their multi-threaded bits depend on the machine."""
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def docstring_summary(module_doc: str | None) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import thread_count_independent
+from .ops import thread_count_independent
 
 RTOL = 1e-5
 

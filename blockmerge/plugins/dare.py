@@ -12,12 +12,14 @@ of work.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from .base import Block, Method, docstring_summary
+from .base import Block, Method, Needs, docstring_summary
 
 CHUNK = 1 << 16
 
@@ -67,11 +69,11 @@ def dare(models: list[torch.Tensor], base: torch.Tensor, masks: list[torch.Tenso
     return total.add_(base)
 
 
-def _merge(block: Block, hp: Dare, state: dict) -> torch.Tensor:
+def _merge(block: Block, hp: Dare, state: Mapping[str, Any]) -> torch.Tensor:
     numel = block.base.numel()
     masks = [keep_mask(hp.seed, block.name, t, block.offset, numel, hp.drop_rate) for t in range(len(block.models))]
     return dare(block.models, block.base, masks, hp.drop_rate, hp.scaling_factor, hp.rescale)
 
 
 METHOD = Method(name="dare", description=docstring_summary(__doc__), hyperparameters=Dare,
-                merge=_merge, needs_base=True)
+                merge=_merge, needs=lambda hp: Needs(base=True))

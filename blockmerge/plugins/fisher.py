@@ -17,20 +17,23 @@ float64 by a fixed pairwise tree, so it depends only on that row; the per-row su
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from ..errors import BlockmergeError
-from .base import Block, Method, Pass, docstring_summary
+from .base import Block, Method, Needs, Pass, docstring_summary
+from .hyperparameters import PerModel
+from .ops import row_sums
 
 ZeroFisher = Literal["floor", "favor_target", "zero"]
 
 
 @dataclass(frozen=True)
 class Fisher:
-    weights: tuple[float, ...] | None = None
+    weights: PerModel[float] | None = None
     fisher_floor: float = 1e-8
     zero_fisher: ZeroFisher = "floor"
     normalize_fishers: bool = False
@@ -65,37 +68,17 @@ def fisher_merge(models: list[torch.Tensor], fishers: list[torch.Tensor], weight
     return numerator / denominator
 
 
-def row_sums_of_squares(x: torch.Tensor) -> torch.Tensor:
-    """Σ_j x[i, j]² for each row i (first axis) in float64, by a fixed pairwise tree.
-
-    The value for a row depends only on that row's entries, never on how many rows are given.
-    Squares of float32/bfloat16/float16 values are exact in float64.
-    """
-    rows = x.shape[0] if x.dim() else 1
-    width = math.prod(x.shape[1:]) if x.dim() else 1
-    if rows == 0 or width == 0:
-        return torch.zeros(rows, dtype=torch.float64, device=x.device)
-    squares = x.reshape(rows, width).to(torch.float64).square()
-    size = 1 << (width - 1).bit_length()
-    if size != width:
-        squares = torch.nn.functional.pad(squares, (0, size - width))
-    while squares.shape[1] > 1:
-        half = squares.shape[1] // 2
-        squares = squares[:, :half] + squares[:, half:]
-    return squares[:, 0]
-
-
 def _norm_pass() -> Pass:
-    def map_(block: Block, hp: Fisher, state: dict) -> tuple[torch.Tensor, int]:
-        fishers = block.stats["fisher"]
-        return torch.stack([row_sums_of_squares(f) for f in fishers]).cpu(), fishers[0].numel()
+    def map_(block: Block, hp: Fisher, state: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+        fishers = block.stats["fisher"]  # squares of float32/bfloat16/float16 values are exact in float64
+        return torch.stack([row_sums(f.to(torch.float64).square()) for f in fishers]).cpu(), fishers[0].numel()
 
     def fold(acc, partial: tuple[torch.Tensor, int], block: Block) -> tuple[list[torch.Tensor], int]:
         sums, numel = acc if acc is not None else ([], 0)
         sums.append(partial[0])
         return sums, numel + partial[1]
 
-    def finish(acc, hp: Fisher, state: dict) -> dict:
+    def finish(acc, hp: Fisher, state: Mapping[str, Any]) -> dict:
         if not acc or acc[1] == 0:
             return {"fisher_norms": None}  # nothing is merged
         sums = torch.cat(acc[0], dim=1)
@@ -124,17 +107,15 @@ def coefficients(hp: Fisher, num_models: int, norms: tuple[float, ...] | None) -
 
 
 def _check(hp: Fisher, num_models: int) -> None:
-    if hp.weights is not None and len(hp.weights) != num_models:
-        raise ValueError(f"weights has {len(hp.weights)} entries for {num_models} models")
     if hp.zero_fisher == "favor_target" and hp.weights is not None and hp.weights[0] <= 0:
         raise ValueError("zero_fisher=favor_target needs a positive weight on model 0 (the target)")
 
 
-def _merge(block: Block, hp: Fisher, state: dict) -> torch.Tensor:
+def _merge(block: Block, hp: Fisher, state: Mapping[str, Any]) -> torch.Tensor:
     norms = state.get("fisher_norms") if hp.normalize_fishers else None
     weights = coefficients(hp, len(block.models), norms)
     return fisher_merge(block.models, block.stats["fisher"], weights, hp.fisher_floor, hp.zero_fisher)
 
 
 METHOD = Method(name="fisher", description=docstring_summary(__doc__), hyperparameters=Fisher, merge=_merge,
-                statistics=("fisher",), passes=_passes, check=_check)
+                needs=lambda hp: Needs(statistics=("fisher",)), passes=_passes, check=_check)

@@ -32,18 +32,16 @@ Defaults (§16): objective `blockwise_fisher`, alpha 1.0, num_iterations 100, in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from ..errors import BlockmergeError
-from .average import average
-from .base import Block, Method, Needs, docstring_summary, summed
+from .base import Block, Method, Needs, docstring_summary
 from .cg import RTOL, conjugate_gradient
-from .regmean import inverse_with_fallback, reduce_off_diagonal
-from .task_arithmetic import task_arithmetic
+from .ops import average, inverse_with_fallback, reduce_off_diagonal, summed, task_arithmetic, thread_count_independent
 
 DIRECT_KFAC_MAX_NUMEL = 4096  # solver=direct on K-FAC inverts a [numel, numel] matrix
 
@@ -173,9 +171,10 @@ def mats(block: Block, hp: Mats) -> tuple[torch.Tensor, dict]:
     return x.to(block.models[0].dtype), report
 
 
-def _merge(block: Block, hp: Mats, state: dict) -> torch.Tensor:
+def _merge(block: Block, hp: Mats, state: Mapping[str, Any]) -> torch.Tensor:
     try:
-        out, block.report = mats(block, hp)
+        with thread_count_independent():  # MKL's small matrix products give other bits on other thread counts
+            out, block.report = mats(block, hp)
     except ValueError as err:
         raise BlockmergeError(f"mats: {err}", param=block.name) from None
     return out
@@ -186,5 +185,4 @@ def _needs(hp: Mats) -> Needs:
 
 
 METHOD = Method(name="mats", description=docstring_summary(__doc__), hyperparameters=Mats, merge=_merge,
-                needs_base=True, optional_statistics=NEEDS["blockwise_fisher"].one_of_statistics, row_blocks=False,
-                needs_for=_needs, report_bytes=160)
+                needs=_needs, granularity="tensor", report_bytes=160)

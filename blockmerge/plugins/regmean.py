@@ -20,15 +20,17 @@ and the merged bytes do not depend on it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..errors import BlockmergeError
-from .base import Block, Method, docstring_summary, summed, thread_count_independent
+from .base import Block, Method, Needs, docstring_summary
+from .ops import inverse_with_fallback, summed, thread_count_independent
 
 ROW_CHUNK = 256
-_CACHE = "regmean.prepared"  # state entry: the Prepared of the parameter merged last
 
 
 @dataclass(frozen=True)
@@ -38,38 +40,6 @@ class RegMean:
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-
-
-def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    """G̃ = α G + (1 − α) diag(G): off-diagonal entries times α, the diagonal exactly as in G."""
-    out = gram * alpha
-    out.diagonal().copy_(gram.diagonal())
-    return out
-
-
-def inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
-    """The inverse; for a singular matrix, the inverse of the sub-matrix of indices whose row sum is not 0,
-    written into a copy of the matrix (docs/methods.md §6.1). Raises ValueError if that is singular too.
-    The same bits on any number of threads."""
-    with thread_count_independent():
-        return _inverse_with_fallback(matrix)
-
-
-def _inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
-    inverse, info = torch.linalg.inv_ex(matrix)
-    if int(info) == 0:
-        return inverse
-    keep = matrix.sum(dim=1) != 0
-    if not torch.equal(keep, matrix.sum(dim=0) != 0):
-        raise ValueError("the summed Gram matrix is singular and its zero row sums and column sums differ")
-    index = keep.nonzero().flatten()
-    sub_inverse, info = torch.linalg.inv_ex(matrix[index][:, index])
-    if int(info) != 0:
-        raise ValueError(f"the summed Gram matrix is singular, also without its {int((~keep).sum())} "
-                         "zero-sum rows")
-    out = matrix.clone()
-    out[index[:, None], index] = sub_inverse
-    return out
 
 
 @dataclass
@@ -119,20 +89,17 @@ def regmean(models: list[torch.Tensor], grams: list[torch.Tensor], alpha: float,
     return regmean_rows(models, prepare(grams, alpha), first_row)
 
 
-def _merge(block: Block, hp: RegMean, state: dict) -> torch.Tensor:
-    # The Grams are whole in every block of a parameter: reduce and invert them once per parameter.
-    cached = state.get(_CACHE)
-    if cached is None or cached[0] != block.name:
-        try:
-            cached = (block.name, prepare(block.stats["gram_in"], hp.alpha))
-        except ValueError as err:
-            raise BlockmergeError(f"regmean: {err}", param=block.name) from None
-        state[_CACHE] = cached
-    out = regmean_rows(block.models, cached[1], block.start)
-    if block.stop >= block.shape[0]:
-        state.pop(_CACHE, None)
-    return out
+def _prepare(block: Block, hp: RegMean, state: Mapping[str, Any]) -> Prepared:
+    try:
+        return prepare(block.stats["gram_in"], hp.alpha)
+    except ValueError as err:
+        raise BlockmergeError(f"regmean: {err}", param=block.name) from None
+
+
+def _merge(block: Block, hp: RegMean, state: Mapping[str, Any]) -> torch.Tensor:
+    with thread_count_independent():  # MKL's small matrix products give other bits on other thread counts
+        return regmean_rows(block.models, block.prepared, block.start)
 
 
 METHOD = Method(name="regmean", description=docstring_summary(__doc__), hyperparameters=RegMean, merge=_merge,
-                statistics=("gram_in",))
+                needs=lambda hp: Needs(statistics=("gram_in",)), granularity="rows", prepare=_prepare)

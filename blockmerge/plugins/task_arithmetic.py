@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .base import Block, Method, docstring_summary
+from .base import Block, Method, Needs, docstring_summary
+from .ops import task_arithmetic
 
 
 @dataclass(frozen=True)
@@ -17,21 +20,10 @@ class TaskArithmetic:
     scaling_factor: float = 1.0
 
 
-def task_vector_sum(models: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """Σ_t (θ_t − θ_0), summed in model order."""
-    out = models[0] - base
-    for m in models[1:]:
-        out += m - base
-    return out
-
-
-def task_arithmetic(models: list[torch.Tensor], base: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    return base + task_vector_sum(models, base) * scaling_factor
-
-
-def _merge(block: Block, hp: TaskArithmetic, state: dict) -> torch.Tensor:
+def _merge(block: Block, hp: TaskArithmetic, state: Mapping[str, Any]) -> torch.Tensor:
     return task_arithmetic(block.models, block.base, hp.scaling_factor)
 
 
 METHOD = Method(name="task_arithmetic", description=docstring_summary(__doc__),
-                hyperparameters=TaskArithmetic, merge=_merge, needs_base=True)
+                hyperparameters=TaskArithmetic, merge=_merge,
+                needs=lambda hp: Needs(base=True))

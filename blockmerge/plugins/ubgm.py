@@ -13,11 +13,14 @@ P ⊙ (s_t H_t + s_0 H_0 + δ0) is computed as one division, so all-zero Hessian
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .base import Block, Method, docstring_summary
+from .base import Block, Method, Needs, docstring_summary
+from .hyperparameters import PerModel
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class Ubgm:
     scaling_factor: float = 1.0
     delta0: float = 1e-12
     base_scale: float = 1.0
-    model_scales: tuple[float, ...] | None = None
+    model_scales: PerModel[float] | None = None
 
     def __post_init__(self):
         if self.delta0 < 0:
@@ -54,15 +57,10 @@ def ubgm(models: list[torch.Tensor], base: torch.Tensor, hessians: list[torch.Te
     return base + out * scaling_factor
 
 
-def _check(hp: Ubgm, num_models: int) -> None:
-    if hp.model_scales is not None and len(hp.model_scales) != num_models:
-        raise ValueError(f"model_scales has {len(hp.model_scales)} entries for {num_models} models")
-
-
-def _merge(block: Block, hp: Ubgm, state: dict) -> torch.Tensor:
+def _merge(block: Block, hp: Ubgm, state: Mapping[str, Any]) -> torch.Tensor:
     return ubgm(block.models, block.base, block.stats["fisher"], block.base_stats["fisher"], hp.scaling_factor,
                 hp.delta0, hp.base_scale, list(hp.model_scales) if hp.model_scales is not None else None)
 
 
 METHOD = Method(name="ubgm", description=docstring_summary(__doc__), hyperparameters=Ubgm, merge=_merge,
-                needs_base=True, statistics=("fisher",), base_statistics=("fisher",), check=_check)
+                needs=lambda hp: Needs(base=True, statistics=("fisher",), base_statistics=("fisher",)))

@@ -18,12 +18,13 @@ from ..engine.sinks import parse_size
 from ..engine.sources import open_checkpoint
 from ..engine.tensors import TensorSpec
 from ..errors import BlockmergeError
-from ..plugins import Common, Method
-from ..plugins.ties import Ties, trim_passes, trimmed_task_vectors
+from ..plugins import Common, Method, Needs
+from ..plugins.magnitude import magnitude_passes, trimmed_task_vectors
+from ..plugins.ties import Ties
 
 TRIM = Method(name="trimmed", description="trimmed task vector", hyperparameters=Ties,
-              merge=lambda block, hp, state: trimmed_task_vectors(block, hp, state)[0], needs_base=True,
-              passes=lambda hp, kinds: trim_passes(hp))
+              merge=lambda block, hp, state: trimmed_task_vectors(block, hp.trim, state)[0],
+              needs=lambda hp: Needs(base=True), passes=lambda hp, kinds: magnitude_passes(hp.density, hp.trim))
 
 
 def trimmed(model: Any, base: Any, out: str | os.PathLike, *, density: float = 0.2, overwrite: bool = False,

@@ -1,0 +1,108 @@
+"""Tensor arithmetic that several methods share: sums, means, task vectors, Gram reductions and inverses."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+
+def summed(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ of same-shaped tensors, in a new tensor."""
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total += t
+    return total
+
+
+@contextlib.contextmanager
+def thread_count_independent() -> Iterator[None]:
+    """Torch runs this thread's operations on one thread inside: reductions (sums, dot products) and LAPACK
+    factorizations split their work by the thread count, so their multi-threaded bits depend on the machine."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def average(models: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """The weighted mean of same-shaped tensors; uniform weights when none are given."""
+    if weights is None:
+        weights = [1.0] * len(models)
+    total = sum(weights)
+    out = models[0] * (weights[0] / total)
+    for w, m in zip(weights[1:], models[1:]):
+        out.add_(m, alpha=w / total)
+    return out
+
+
+def task_vector_sum(models: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Σ_t (θ_t − θ_0), summed in model order."""
+    out = models[0] - base
+    for m in models[1:]:
+        out += m - base
+    return out
+
+
+def task_arithmetic(models: list[torch.Tensor], base: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """θ_0 + λ Σ_t (θ_t − θ_0)."""
+    return base + task_vector_sum(models, base) * scaling_factor
+
+
+def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """G̃ = α G + (1 − α) diag(G): off-diagonal entries times α, the diagonal exactly as in G."""
+    out = gram * alpha
+    out.diagonal().copy_(gram.diagonal())
+    return out
+
+
+def inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
+    """The inverse; for a singular matrix, the inverse of the sub-matrix of indices whose row sum is not 0,
+    written into a copy of the matrix (docs/methods.md §6.1). Raises ValueError if that is singular too.
+    The same bits on any number of threads."""
+    with thread_count_independent():
+        return _inverse_with_fallback(matrix)
+
+
+def _inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
+    inverse, info = torch.linalg.inv_ex(matrix)
+    if int(info) == 0:
+        return inverse
+    keep = matrix.sum(dim=1) != 0
+    if not torch.equal(keep, matrix.sum(dim=0) != 0):
+        raise ValueError("the summed Gram matrix is singular and its zero row sums and column sums differ")
+    index = keep.nonzero().flatten()
+    sub_inverse, info = torch.linalg.inv_ex(matrix[index][:, index])
+    if int(info) != 0:
+        raise ValueError(f"the summed Gram matrix is singular, also without its {int((~keep).sum())} "
+                         "zero-sum rows")
+    out = matrix.clone()
+    out[index[:, None], index] = sub_inverse
+    return out
+
+
+def row_sums(values: torch.Tensor) -> torch.Tensor:
+    """Σ_j values[i, j] for each row i (first axis) in float64, by a fixed pairwise tree.
+
+    The sum of a row depends only on that row's entries, never on how many rows are given (with
+    `math.fsum` over rows, a tensor's total does not depend on how it is cut into blocks).
+    """
+    rows = values.shape[0] if values.dim() else 1
+    width = math.prod(values.shape[1:]) if values.dim() else 1
+    if rows == 0 or width == 0:
+        return torch.zeros(rows, dtype=torch.float64, device=values.device)
+    terms = values.reshape(rows, width).to(torch.float64)
+    size = 1 << (width - 1).bit_length()
+    if size != width:
+        terms = torch.nn.functional.pad(terms, (0, size - width))
+    while terms.shape[1] > 1:
+        half = terms.shape[1] // 2
+        terms = terms[:, :half] + terms[:, half:]
+    return terms[:, 0]
