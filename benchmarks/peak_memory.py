@@ -358,7 +358,7 @@ def method_inputs(method: str, hyperparameters: dict[str, Any], family: Family, 
     bound = max over the tensors it merges with statistics of (N + 2) × the tensor's float32 bytes
     (models, base, output) + N × its whole-tensor statistics (Grams) + BOUND_SLACK.
     """
-    from blockmerge.engine.run import STAT_SHAPES
+    from blockmerge.engine.kinds import is_elementwise
     from blockmerge.plugins import get
     from blockmerge.plugins.base import parse_hyperparameters
 
@@ -377,7 +377,7 @@ def method_inputs(method: str, hyperparameters: dict[str, Any], family: Family, 
     for name, spec in family.specs().items():
         if not kinds or not all((k, name) in supplied for k in kinds):
             continue
-        whole = sum(supplied[(k, name)].nbytes for k in kinds if STAT_SHAPES[k] is not None)
+        whole = sum(supplied[(k, name)].nbytes for k in kinds if not is_elementwise(k))
         need = (n_models + 2) * spec.numel * 4 + n_models * whole
         if need > bound:
             bound, bound_tensor = need, name

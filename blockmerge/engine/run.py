@@ -28,6 +28,7 @@ from ..errors import BlockmergeError
 from ..plugins import Block, Common, Method, get
 from . import faults, memory
 from .buffers import BufferPool
+from .kinds import is_elementwise, statistic_shape
 from .output import Journaled, Output, os_error
 from .plan import BlockRef, plan
 from .sinks import DictSink, Sink, open_sink
@@ -39,15 +40,6 @@ from .tensors import FLOATING, TensorSpec, all_finite, itemsize, tensor_bytes, t
 SLICE_ELEMENTS = 1 << 18
 # Characters of the provenance around one report of a method, or around one tensor's list of them (a bound).
 REPORT_ENTRY_BYTES = 64
-
-# Shape of a statistic of parameter `p`, by kind; None: the parameter's own shape.
-STAT_SHAPES = {
-    "fisher": None,
-    "trimmed": None,
-    "gram_in": lambda s: (s[1], s[1]) if len(s) == 2 else None,
-    "gram_out": lambda s: (s[0], s[0]) if len(s) == 2 else None,
-    "blockwise_fisher": lambda s: (s[0], s[0]) if len(s) == 1 else None,
-}
 
 
 @dataclass
@@ -194,8 +186,7 @@ def check(job: Job) -> Layout:
         for kind in method.base_statistics:
             if name not in job.base_stats[kind].specs and job.common.missing_statistic == "error":
                 raise BlockmergeError(f"no {kind!r} statistic of the base", param=name)
-        together = [k for k in dict.fromkeys(declared)
-                    if STAT_SHAPES[k] is None or STAT_SHAPES[k](spec.shape) is not None]
+        together = [k for k in dict.fromkeys(declared) if statistic_shape(k, spec.shape) is not None]
         have = [k for k in together if k in used and all(present[k])]
         if have and len(have) < len(together):
             lacking = next(k for k in together if k not in have)
@@ -219,8 +210,7 @@ def _check_statistic(kind: str, ckpt: Checkpoint, specs: dict[str, TensorSpec]) 
         if name not in specs:
             raise BlockmergeError(f"{kind!r} statistic for a parameter the models do not have", path=ckpt.label,
                                   param=name)
-        rule = STAT_SHAPES[kind]
-        expected = specs[name].shape if rule is None else rule(specs[name].shape)
+        expected = statistic_shape(kind, specs[name].shape)
         if expected is None:
             raise BlockmergeError(f"{kind!r} statistics do not apply to a tensor of shape {list(specs[name].shape)}",
                                   path=ckpt.label, param=name)
@@ -400,7 +390,7 @@ class Engine:
         """A statistic of the parameter's own shape is cut to the block's rows; others (Grams) are whole,
         read once per parameter and kept for its next row blocks."""
         role = f"base_stats.{kind}" if key[0] == "base" else f"stats[{key[0]}].{kind}"
-        if STAT_SHAPES[kind] is None:
+        if is_elementwise(kind):
             return self._read(ckpt, -1, role, ref.name, ref.start, ref.stop, crcs, loan)
         if key in self.whole_stats:
             self.fresh.discard(key)
@@ -451,13 +441,13 @@ class Engine:
 
     def has_whole_stats(self, ref: BlockRef) -> bool:
         """Whether a block reads statistics whole (Gram matrices, blockwise Fishers)."""
-        return ref.action == "merge" and any(STAT_SHAPES[k] is not None for k in self.layout.stat_kinds[ref.name])
+        return ref.action == "merge" and any(not is_elementwise(k) for k in self.layout.stat_kinds[ref.name])
 
     def input_row_bytes(self, name: str) -> int:
         """Bytes read per row of a tensor: its models and base, and float32 statistics of its own shape."""
         models, with_base = self._inputs(BlockRef(name, 0, 1, self.layout.actions[name]))
         spec = self.layout.specs[name]
-        same_shape = sum(1 for k in self.layout.stat_kinds.get(name, ()) if STAT_SHAPES[k] is None)
+        same_shape = sum(1 for k in self.layout.stat_kinds.get(name, ()) if is_elementwise(k))
         checkpoints = itemsize(spec.dtype) * (len(models) + with_base)
         return spec.row_numel * (checkpoints + 4 * same_shape * len(self.job.stats))
 
@@ -472,8 +462,8 @@ class Engine:
         start, stop = (ref.start, ref.stop) if rows is None else (ref.start + rows[0], ref.start + rows[1])
         return Block(ref.name, start, stop, spec.shape, [dev(m) for m in raw.models],
                      dev(raw.base) if raw.base is not None else None,
-                     {k: [dev(x, STAT_SHAPES[k] is None) for x in v] for k, v in raw.stats.items()},
-                     {k: dev(v, STAT_SHAPES[k] is None) for k, v in raw.base_stats.items()})
+                     {k: [dev(x, is_elementwise(k)) for x in v] for k, v in raw.stats.items()},
+                     {k: dev(v, is_elementwise(k)) for k, v in raw.base_stats.items()})
 
     def compute_block(self, raw: _Raw, state: dict, out: torch.Tensor) -> torch.Tensor:
         """The merged block, in `out` (the output dtype, on the CPU), merged slice by slice (see `map_slices`)."""
@@ -626,7 +616,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     written = False  # every block is in the output: a failure from then on keeps it, to be finished by a resume
     # Elementwise kernels on the CPU run on cache-sized slices, one torch thread each and as many slices at once
     # as torch has threads: threads within each small op would only wait at its barrier.
-    elementwise = engine.device.type == "cpu" and all(STAT_SHAPES[k] is None for k in layout.used_kinds)
+    elementwise = engine.device.type == "cpu" and all(is_elementwise(k) for k in layout.used_kinds)
     threads = torch.get_num_threads()
     with (_torch_threads(1 if elementwise else threads),
           ThreadPoolExecutor(threads, thread_name_prefix="blockmerge-merge", initializer=torch.set_num_threads,

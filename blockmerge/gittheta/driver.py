@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path, PurePosixPath
 
-from ..engine.store import STATISTIC_KINDS
+from ..engine.kinds import STATISTIC_KINDS
 from ..errors import BlockmergeError
 from .config import merge_settings
 from .repo import Repo
