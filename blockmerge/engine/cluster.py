@@ -35,7 +35,7 @@ from . import memory
 from .output import Output
 from .plan import BlockRef
 from .run import Engine, Job, Layout, map_pass, write_blocks
-from .sinks import SafetensorsSink, Sink
+from .sinks import Sink
 from .sources import Checkpoint, open_checkpoint
 from .tensors import TensorSpec, tensor_bytes
 
@@ -137,9 +137,7 @@ def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reop
             if stop.is_set():
                 raise BlockmergeError("stopped: another task of this merge failed")
     finally:
-        if isinstance(sink, SafetensorsSink):
-            for writer in sink.writers.values():
-                writer.close()  # fsync: the client may be on another machine
+        sink.close()  # fsync: the client may be on another machine
     return {"blocks": blocks, "inputs": {k: h.hexdigest() for k, h in engine.input_hashes.items()},
             "reports": engine.summary.reports, "bytes_read": engine.summary.bytes_read, "changed": engine.changed}
 
