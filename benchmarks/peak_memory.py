@@ -507,6 +507,7 @@ def child_main(spec_json: str) -> None:
     import torch
 
     import blockmerge
+    from blockmerge.engine import memory
     from blockmerge.engine.plan import DEFAULT_BLOCK_BYTES
     from blockmerge.engine.sinks import parse_size
 
@@ -523,6 +524,7 @@ def child_main(spec_json: str) -> None:
     kwargs = dict(spec.get("hyperparameters") or {})
     if spec.get("block_size"):
         kwargs["block_size"] = spec["block_size"]
+    memory.return_freed_blocks_to_the_os()  # as the blockmerge command does, once per process
     sampler = RssSampler()
     sampler.start()
     t1 = time.perf_counter()

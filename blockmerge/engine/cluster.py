@@ -108,7 +108,7 @@ def _worker_engine(spec: _Spec) -> Engine:
         if spec.token not in _opened:
             if spec.version != __version__:
                 raise BlockmergeError(f"this worker runs blockmerge {__version__}, the client {spec.version}")
-            memory.return_freed_blocks_to_the_os()
+            memory.return_freed_blocks_to_the_os()  # the worker process is the cluster's own: its allocator is ours
             _opened.clear()
             _opened[spec.token] = _each_input(spec.job, lambda r, kind: r.open())
     return Engine(_opened[spec.token], spec.layout)

@@ -38,7 +38,6 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     never one of `inputs` (the paths the caller was given) or of the files the job's checkpoints read.
     """
     start_time = time.perf_counter()
-    memory.return_freed_blocks_to_the_os()
     engine = Engine(job, layout)
     summary = engine.summary
     align = {n: chunk_rows(s) if out_format == "store" else 1 for n, s in layout.out_specs.items()}
