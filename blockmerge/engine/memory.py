@@ -46,7 +46,8 @@ def return_freed_blocks_to_the_os(threshold: int = 4 << 20, heap_kept: int = 64 
     Returns False where libc has no mallopt.
 
     It sets the whole process's allocator and environment, so the library never calls it: the process's
-    owner calls it once, before its first merge (the `blockmerge` command and each Dask worker do).
+    owner calls it once, before its first merge (the `blockmerge` command, the git-theta merge driver and each
+    Dask worker do).
     """
     use_huge_pages()
     mallopt = libc_function("mallopt")

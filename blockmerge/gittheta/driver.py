@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path, PurePosixPath
 
+from ..engine import memory
 from ..engine.kinds import STATISTIC_KINDS
 from ..errors import BlockmergeError
 from .config import merge_settings
@@ -48,6 +49,7 @@ def run(ancestor: str, current: str, other: str, path: str) -> int:
 def main() -> None:
     if len(sys.argv) != 5:
         sys.exit("usage: python3 -m blockmerge.gittheta.driver %O %A %B %P")
+    memory.return_freed_blocks_to_the_os()  # git starts the driver as a process of its own, like the command
     try:
         sys.exit(run(*sys.argv[1:]))
     except BlockmergeError as err:
