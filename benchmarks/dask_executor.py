@@ -62,12 +62,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         result["client_rss_added"] = vm("VmRSS") - rss_bare
         result["worker_idle_rss"] = list(client.run(vm, "VmRSS").values())
     import blockmerge
+    from blockmerge.engine import memory
 
     if client:
         client.run(importlib.import_module, "blockmerge.engine.cluster")  # workers import torch before the clock
     options = {"executor": "dask", "scheduler": cluster.scheduler_address} if cluster else {}
     before = client.run(vm, "VmRSS") if client else {}
     result["client_before"] = vm("VmRSS")
+    memory.return_freed_blocks_to_the_os()  # as the blockmerge command does, once per process
     t0 = time.perf_counter()
     summary = blockmerge.merge(spec["method"], spec["models"], base=spec["base"], out=spec["out"],
                                block_size=spec["block_size"], **spec["hyperparameters"], **options)

@@ -358,7 +358,7 @@ def method_inputs(method: str, hyperparameters: dict[str, Any], family: Family, 
     bound = max over the tensors it merges with statistics of (N + 2) × the tensor's float32 bytes
     (models, base, output) + N × its whole-tensor statistics (Grams) + BOUND_SLACK.
     """
-    from blockmerge.engine.run import STAT_SHAPES
+    from blockmerge.engine.kinds import is_elementwise
     from blockmerge.plugins import get
     from blockmerge.plugins.base import parse_hyperparameters
 
@@ -377,7 +377,7 @@ def method_inputs(method: str, hyperparameters: dict[str, Any], family: Family, 
     for name, spec in family.specs().items():
         if not kinds or not all((k, name) in supplied for k in kinds):
             continue
-        whole = sum(supplied[(k, name)].nbytes for k in kinds if STAT_SHAPES[k] is not None)
+        whole = sum(supplied[(k, name)].nbytes for k in kinds if not is_elementwise(k))
         need = (n_models + 2) * spec.numel * 4 + n_models * whole
         if need > bound:
             bound, bound_tensor = need, name
@@ -507,6 +507,7 @@ def child_main(spec_json: str) -> None:
     import torch
 
     import blockmerge
+    from blockmerge.engine import memory
     from blockmerge.engine.plan import DEFAULT_BLOCK_BYTES
     from blockmerge.engine.sinks import parse_size
 
@@ -523,6 +524,7 @@ def child_main(spec_json: str) -> None:
     kwargs = dict(spec.get("hyperparameters") or {})
     if spec.get("block_size"):
         kwargs["block_size"] = spec["block_size"]
+    memory.return_freed_blocks_to_the_os()  # as the blockmerge command does, once per process
     sampler = RssSampler()
     sampler.start()
     t1 = time.perf_counter()

@@ -8,7 +8,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Imported on first use, so `import blockmerge` (git filters, plugins, the CLI's --help) does not load torch.
-_EXPORTS = {"merge": "api", "methods": "api", "Summary": "engine.run", "BlockmergeError": "errors"}
+_EXPORTS = {"merge": "api", "methods": "api", "Summary": "engine.job", "BlockmergeError": "errors"}
 
 __all__ = ["BlockmergeError", "Summary", "__version__", "merge", "methods"]
 

@@ -7,6 +7,9 @@ def run() -> None:
     """The command line, with Ctrl-C handled from the first import on (see `interrupts`)."""
     interrupts.leave_on_interrupt()
     try:
+        from blockmerge.engine import memory
+
+        memory.return_freed_blocks_to_the_os()  # this process is the command's: its allocator is set up once
         from blockmerge.cli import main
 
         main()

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from .engine.job import Job, Layout, Summary, check
 from .engine.output import source_paths
 from .engine.plan import DEFAULT_BLOCK_BYTES
-from .engine.run import Job, Layout, Summary, check, execute
+from .engine.run import execute
 from .engine.sinks import DEFAULT_SHARD_BYTES, infer_format, parse_size
 from .engine.sources import StoreCheckpoint, open_checkpoint, open_statistics
 from .errors import BlockmergeError

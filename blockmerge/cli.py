@@ -16,8 +16,8 @@ from . import api
 from .clitools import console, show_progress
 from .clitools import one_line_errors as _errors
 from .clitools import parse_pairs as _parse_pairs
+from .engine.job import Summary
 from .engine.plan import DEFAULT_BLOCK_BYTES
-from .engine.run import Summary
 from .engine.sinks import FORMATS, parse_size
 from .errors import BlockmergeError
 

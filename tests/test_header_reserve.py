@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import blockmerge
-from blockmerge.engine.run import Job, check, execute
+from blockmerge.engine.job import Job, check
+from blockmerge.engine.run import execute
 from blockmerge.plugins import Block, Common, Method
 
 NAMES = [f"model.layers.{layer}.{part}.weight" for layer in range(80)
@@ -81,7 +82,8 @@ def test_reports_beyond_what_the_method_declared_still_reach_the_header(tmp_path
 LATE_FAILURE = """
 import resource, sys
 from dataclasses import dataclass
-from blockmerge.engine.run import Job, check, execute
+from blockmerge.engine.job import Job, check
+from blockmerge.engine.run import execute
 from blockmerge.engine.sources import open_checkpoint
 from blockmerge.plugins import Common, Method
 

@@ -32,10 +32,12 @@ from .. import __version__
 from ..errors import BlockmergeError
 from ..plugins import Block
 from . import memory
+from .context import Engine
+from .executor import map_pass, write_blocks
+from .job import Job, Layout
 from .output import Output
 from .plan import BlockRef
-from .run import Engine, Job, Layout, map_pass, write_blocks
-from .sinks import SafetensorsSink, Sink
+from .sinks import Sink
 from .sources import Checkpoint, open_checkpoint
 from .tensors import TensorSpec, tensor_bytes
 
@@ -106,7 +108,7 @@ def _worker_engine(spec: _Spec) -> Engine:
         if spec.token not in _opened:
             if spec.version != __version__:
                 raise BlockmergeError(f"this worker runs blockmerge {__version__}, the client {spec.version}")
-            memory.return_freed_blocks_to_the_os()
+            memory.return_freed_blocks_to_the_os()  # the worker process is the cluster's own: its allocator is ours
             _opened.clear()
             _opened[spec.token] = _each_input(spec.job, lambda r, kind: r.open())
     return Engine(_opened[spec.token], spec.layout)
@@ -117,8 +119,8 @@ def _pass_task(spec: _Spec, refs: list[BlockRef], index: int, state: dict, crc_r
     """Each block's (or slice's) partial of pass `index` with its rows, in plan order; the bytes read; the
     checksums of the inputs read for each block."""
     engine = _worker_engine(spec)
-    engine.crc_reads = crc_reads
-    return list(map_pass(engine, refs, index, state, "")), engine.summary.bytes_read, engine.block_inputs
+    engine.reader.crc_reads = crc_reads
+    return list(map_pass(engine, refs, index, state, "")), engine.summary.bytes_read, engine.reader.block_inputs
 
 
 def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reopen_sink: Callable[[], Sink],
@@ -126,8 +128,8 @@ def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reop
     from distributed import Event
 
     engine = _worker_engine(spec)
-    engine.input_hashes = {}
-    engine.crc_reads = True
+    engine.reader.input_hashes = {}
+    engine.reader.crc_reads = True
     stop = Event(stop_event)
     blocks = []
     sink = reopen_sink()
@@ -137,10 +139,8 @@ def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reop
             if stop.is_set():
                 raise BlockmergeError("stopped: another task of this merge failed")
     finally:
-        if isinstance(sink, SafetensorsSink):
-            for writer in sink.writers.values():
-                writer.close()  # fsync: the client may be on another machine
-    return {"blocks": blocks, "inputs": {k: h.hexdigest() for k, h in engine.input_hashes.items()},
+        sink.close()  # fsync: the client may be on another machine
+    return {"blocks": blocks, "inputs": {k: h.hexdigest() for k, h in engine.reader.input_hashes.items()},
             "reports": engine.summary.reports, "bytes_read": engine.summary.bytes_read, "changed": engine.changed}
 
 
@@ -210,13 +210,14 @@ class DaskExecutor:
         order: what the local executor folds, in the same order."""
         spec = self._spec(engine)
         groups = _by_tensor(refs)
-        futures = [self.client.submit(_pass_task, spec, g, index, state, engine.crc_reads, pure=False) for g in groups]
+        crc_reads = engine.reader.crc_reads
+        futures = [self.client.submit(_pass_task, spec, g, index, state, crc_reads, pure=False) for g in groups]
         bar = _bar(engine, refs, desc)
         try:
             for group, future in zip(groups, futures):
                 partials, bytes_read, block_inputs = task_result(future)
                 engine.summary.bytes_read += bytes_read
-                engine.block_inputs.update(block_inputs)
+                engine.reader.block_inputs.update(block_inputs)
                 bar.update(_input_bytes(engine, group))
                 yield from partials
         finally:
@@ -247,7 +248,7 @@ class DaskExecutor:
                 i = position[future.key]
                 results[i] = result
                 bar.update(_input_bytes(engine, groups[i]))
-                engine.sample_memory()
+                engine.reader.sample_memory()
         except BaseException:
             with contextlib.suppress(Exception):  # best effort: the scheduler may be what failed
                 Event(stop, client=self.client).set()
@@ -286,7 +287,7 @@ def _by_tensor(refs: list[BlockRef]) -> list[list[BlockRef]]:
 
 
 def _input_bytes(engine: Engine, refs: list[BlockRef]) -> int:
-    return sum(engine.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
+    return sum(engine.reader.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
 
 
 def _bar(engine: Engine, refs: list[BlockRef], desc: str) -> tqdm:

@@ -44,6 +44,10 @@ def return_freed_blocks_to_the_os(threshold: int = 4 << 20, heap_kept: int = 64 
     threshold at 128 KiB: every freed slice temporary would go back to the OS and come back as
     fresh pages, faulted in and zeroed, which cost more than the merge arithmetic (2.5x for TIES).
     Returns False where libc has no mallopt.
+
+    It sets the whole process's allocator and environment, so the library never calls it: the process's
+    owner calls it once, before its first merge (the `blockmerge` command, the git-theta merge driver and each
+    Dask worker do).
     """
     use_huge_pages()
     mallopt = libc_function("mallopt")

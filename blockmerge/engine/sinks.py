@@ -35,6 +35,10 @@ class Sink:
     def seal(self, checksums: dict[str, str], provenance: dict) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Put the rows written so far on storage and close the files (this sink writes no more; another machine
+        may read them next). `seal` closes them too."""
+
 
 class DictSink(Sink):
     def __init__(self, specs: dict[str, TensorSpec]):
@@ -137,6 +141,9 @@ class SafetensorsSink(Sink):
                          "weight_map": dict(sorted(self.shard_of.items()))}
                 write_json_atomic(self.path / "model.safetensors.index.json", index)
             write_json_atomic(self.path / PROVENANCE_FILE, provenance)
+        self.close()
+
+    def close(self):
         for w in self.writers.values():
             w.close()
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from ..errors import BlockmergeError
+from .kinds import STATISTIC_KINDS
 from .safetensors_io import SafetensorsFile
-from .store import STATISTIC_KINDS, StoreReader, is_store, regular_file
+from .store import StoreReader, is_store, regular_file
 from .tensors import TensorSpec, dense_layout_problem, dtype_name
 
 RESOLVERS = "blockmerge.resolvers"  # entry points: (source: str, where) -> Checkpoint | None

@@ -23,6 +23,7 @@ import tensorstore as ts
 import torch
 
 from ..errors import BlockmergeError
+from .kinds import STATISTIC_KINDS
 from .tensors import DTYPES, TensorSpec, from_numpy, numpy_dtype, to_numpy, torch_dtype
 
 MANIFEST = "blockmerge.json"
@@ -36,8 +37,7 @@ CODECS = {
     "blosc": [{"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle",
                                                   "typesize": 4, "blocksize": 0}}],
 }
-KINDS = ("param", "fisher", "gram_in", "gram_out", "blockwise_fisher", "trimmed")
-STATISTIC_KINDS = tuple(k for k in KINDS if k != "param")
+KINDS = ("param", *STATISTIC_KINDS)  # what an array holds: parameters, or one kind of statistic
 _ARRAY_PATH = re.compile(r"^arrays/[0-9]{6}$")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import api
-from ..engine.run import Summary
+from ..engine.job import Summary
 from ..engine.sources import open_checkpoint, open_statistics
 from ..errors import BlockmergeError
 from .install import is_installed

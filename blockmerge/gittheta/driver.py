@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path, PurePosixPath
 
-from ..engine.store import STATISTIC_KINDS
+from ..engine import memory
+from ..engine.kinds import STATISTIC_KINDS
 from ..errors import BlockmergeError
 from .config import merge_settings
 from .repo import Repo
@@ -48,6 +49,7 @@ def run(ancestor: str, current: str, other: str, path: str) -> int:
 def main() -> None:
     if len(sys.argv) != 5:
         sys.exit("usage: python3 -m blockmerge.gittheta.driver %O %A %B %P")
+    memory.return_freed_blocks_to_the_os()  # git starts the driver as a process of its own, like the command
     try:
         sys.exit(run(*sys.argv[1:]))
     except BlockmergeError as err:

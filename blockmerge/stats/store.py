@@ -13,8 +13,9 @@ import torch
 
 from .. import __version__
 from ..engine import faults
+from ..engine.kinds import STATISTIC_KINDS
 from ..engine.output import Output
-from ..engine.store import STATISTIC_KINDS, StoreWriter
+from ..engine.store import StoreWriter
 from ..engine.tensors import TensorSpec, tensor_bytes
 from ..errors import BlockmergeError
 

@@ -11,9 +11,10 @@ import os
 from typing import Any
 
 from .. import __version__
+from ..engine.job import Job, Layout, Summary
 from ..engine.output import source_paths
 from ..engine.plan import DEFAULT_BLOCK_BYTES
-from ..engine.run import Job, Layout, Summary, execute
+from ..engine.run import execute
 from ..engine.sinks import parse_size
 from ..engine.sources import open_checkpoint
 from ..engine.tensors import TensorSpec

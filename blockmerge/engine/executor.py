@@ -1,0 +1,199 @@
+"""Where a merge's blocks are read, mapped through the method's reduction passes, merged and written: the
+executor interface, and the passes and the merge run in this process."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+import types
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import BlockmergeError
+from ..plugins import Block
+from . import faults
+from .context import Engine
+from .dispatch import compute_block, map_slices
+from .output import Journaled, Output
+from .plan import BlockRef
+from .reader import RawBlock
+from .sinks import Sink
+from .tensors import tensor_bytes
+
+
+class Executor(Protocol):
+    """Where a merge's blocks are read and mapped (reduction passes), merged and written."""
+
+    def map_blocks(self, engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+                   ) -> Iterator[tuple[Block, Any]]:
+        """Each block or slice (tensors dropped) and its partial of pass `index`, in plan order."""
+
+    def merge_pass(self, engine: Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink] | None,
+                   state: dict, output: Output | None) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+        """Every block merged into `sink` (and journaled in `output`); the sha256 of each output tensor and of
+        each input tensor read. `reopen_sink` opens the sink again (for workers elsewhere)."""
+
+
+class LocalExecutor:
+    """Runs a merge in this process."""
+
+    def map_blocks(self, engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+                   ) -> Iterator[tuple[Block, Any]]:
+        return map_pass(engine, refs, index, state, desc)
+
+    def merge_pass(self, engine: Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink] | None,
+                   state: dict, output: Output | None) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+        return _merge_pass(engine, refs, sink, state, output)
+
+
+MapBlocks = Callable[[Engine, list[BlockRef], int, dict, str], Iterator[tuple[Block, Any]]]
+
+
+def run_passes(engine: Engine, refs: list[BlockRef], map_blocks: MapBlocks, output: Output | None = None) -> dict:
+    """The method's reductions, folded in plan order; `map_blocks` maps the blocks. With an `output`, what the
+    first pass read is checked against (and journaled in) its journal."""
+    job = engine.job
+    state: dict = {}
+    passes = job.method.passes(job.hyperparameters, engine.layout.used_kinds)
+    merge_refs = [r for r in refs if r.action == "merge"]
+    for i, p in enumerate(passes):
+        engine.reader.crc_reads = output is not None and i == 0
+        started, acc = time.perf_counter(), None
+        for block, partial in map_blocks(engine, merge_refs, i, state, f"pass {i + 1}/{len(passes)}"):
+            acc = p.fold(acc, partial, block)
+            faults.point("pass")
+        state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, types.MappingProxyType(state)))
+        engine.summary.pass_seconds.append(time.perf_counter() - started)
+        if engine.reader.crc_reads:
+            _check_passes(engine, refs, output)
+    engine.reader.crc_reads = False
+    engine.summary.passes = len(passes) + 1
+    return state
+
+
+def map_pass(engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str
+                ) -> Iterator[tuple[Block, Any]]:
+    """Each block and its partial result of the method's pass `index`, in plan order."""
+    job = engine.job
+    p = job.method.passes(job.hyperparameters, engine.layout.used_kinds)[index]
+
+    readonly = types.MappingProxyType(state)
+
+    def map_slice(block: Block) -> tuple[Block, Any]:
+        partial = p.map(block, engine.hyperparameters_at(block.name), readonly)
+        return Block(block.name, block.start, block.stop, block.shape, []), partial
+
+    for raw in engine.reader.blocks(refs, desc):
+        yield from map_slices(engine, raw, map_slice)
+
+
+def write_blocks(engine: Engine, refs: list[BlockRef], sink: Sink, state: dict, done: dict[tuple[str, int, int],
+                  Journaled]) -> Iterator[tuple[BlockRef, memoryview, Journaled, bool]]:
+    """Each block merged and written, or kept where `done` journals it and both its bytes in the sink and the
+    inputs read for it still have the journaled checksums (a kept block's reports come from the journal).
+
+    Yields (block, its output bytes, its journal entry, kept) in plan order, each once its bytes are
+    written. A block is written on a thread of its own while the next one is merged.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-write") as writer:
+        previous = None
+        for raw in engine.reader.blocks(refs, engine.job.label or engine.job.method.name):
+            ref = raw.ref
+            key = (ref.name, ref.start, ref.stop)
+            existing = _kept(engine, sink, raw, done[key]) if key in done else None
+            if existing is not None:
+                if previous is not None:
+                    yield from _written(engine, *previous)
+                    previous = None
+                if done[key].reports:
+                    engine.summary.reports.setdefault(ref.name, []).extend(done[key].reports)
+                yield ref, existing, done[key], True
+                continue
+            buffer, out = engine.pool.take(engine.layout.out_specs[ref.name], ref.stop - ref.start)
+            compute_block(engine, raw, state, out)
+            written = writer.submit(_write, sink, ref, out)
+            if previous is not None:
+                yield from _written(engine, *previous)
+            previous = (ref, out, buffer, written)
+        if previous is not None:
+            yield from _written(engine, *previous)
+
+
+def _kept(engine: Engine, sink: Sink, raw: RawBlock, journaled: Journaled) -> memoryview | None:
+    """A journaled block's bytes in the sink if they and the inputs read for it are as journaled; else None
+    (an input that differs is added to `engine.changed`)."""
+    inputs = raw.input_crcs()
+    if inputs != journaled.inputs:
+        engine.changed.update(r for r in inputs.keys() | journaled.inputs.keys()
+                              if inputs.get(r) != journaled.inputs.get(r))
+        return None
+    try:
+        existing = tensor_bytes(sink.read(raw.ref.name, raw.ref.start, raw.ref.stop).contiguous())
+    except (BlockmergeError, OSError, ValueError):  # a damaged partial output (tensorstore raises ValueError)
+        sink.discard(raw.ref.name, raw.ref.start, raw.ref.stop)
+        return None
+    return existing if zlib.crc32(existing) == journaled.crc32 else None
+
+
+def _write(sink: Sink, ref: BlockRef, rows: torch.Tensor) -> int:
+    """Write a merged block; the CRC-32 of its bytes."""
+    sink.write(ref.name, ref.start, rows)
+    return zlib.crc32(tensor_bytes(rows))
+
+
+def _written(engine: Engine, ref: BlockRef, rows: torch.Tensor, buffer: torch.Tensor, written: Future
+             ) -> Iterator[tuple[BlockRef, memoryview, Journaled, bool]]:
+    crc = written.result()
+    faults.point("write")
+    reports = [r for r in engine.summary.reports.get(ref.name, []) if ref.start <= r["rows"][0] < ref.stop]
+    yield ref, tensor_bytes(rows), Journaled(crc, engine.reader.block_inputs.get((ref.name, ref.start, ref.stop), {}),
+                                             reports), False
+    engine.pool.give([buffer])
+
+
+def _merge_pass(engine: Engine, refs: list[BlockRef], sink: Sink, state: dict, output: Output | None
+                ) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+    """Checksums of the output tensors and of the input tensors read."""
+    engine.reader.input_hashes = {}
+    engine.reader.crc_reads = output is not None
+    out_hashes: dict[str, Any] = {}
+    for ref, data, entry, kept in write_blocks(engine, refs, sink, state, output.done if output is not None else {}):
+        out_hashes.setdefault(ref.name, hashlib.sha256()).update(data)
+        if kept:
+            engine.summary.blocks_resumed += 1
+            continue
+        engine.summary.bytes_written += len(data)
+        if output is not None:
+            output.record(ref.name, ref.start, ref.stop, entry)
+        faults.point("block")
+    return ({n: h.hexdigest() for n, h in out_hashes.items()},
+            {k: h.hexdigest() for k, h in engine.reader.input_hashes.items()})
+
+
+def _check_passes(engine: Engine, refs: list[BlockRef], output: Output) -> None:
+    """Journal what the reduction passes read; on a resume where it differs from what they read before, the
+    merged blocks are forgotten (every one depends on every block read through the passes' state)."""
+    merged = [r for r in refs if r.action == "merge"]
+    digest: dict[str, int] = {}
+    for ref in merged:
+        for role, crc in engine.reader.block_inputs.get((ref.name, ref.start, ref.stop), {}).items():
+            digest[role] = zlib.crc32(crc.to_bytes(4, "little"), digest.get(role, 0))
+    if output.passes == digest:
+        return
+    if output.passes is not None:
+        engine.changed.update(r for r in digest.keys() | output.passes.keys() if digest.get(r) != output.passes.get(r))
+    for ref in merged:
+        output.done.pop((ref.name, ref.start, ref.stop), None)
+    output.restart_journal(digest)
+
+
+def say_changed(engine: Engine) -> None:
+    """One line for each input found to differ from the bytes a resumed partial output was started from."""
+    for label in sorted({engine.roles[r] for r in engine.changed if r in engine.roles}):
+        print(f"blockmerge: {label} changed since the partial output was started (same size and time, other "
+              "bytes): the blocks merged from its old bytes are merged again", file=sys.stderr)
