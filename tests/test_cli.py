@@ -16,7 +16,7 @@ from conftest import write_family
 from safetensors.torch import load_file
 from test_methods import FLOATS, quantised_family, ties_reference
 
-from blockmerge.plugins.dare import keep_mask
+from blockmerge.plugins.task_vectors import keep_mask
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import blockmerge
-from blockmerge.plugins.dare import dare, keep_mask, masked_scale
+from blockmerge.plugins.task_vectors import dropped_sum, keep_mask, masked_scale
 
 FLOATS = ["embed.weight", "layer.0.attn.weight", "layer.0.norm", "layer.1.mlp.weight", "head.bias"]
 
@@ -47,7 +47,7 @@ def test_dare_with_explicit_masks():
     models = [base + torch.randn(5, 4, generator=g) for _ in range(3)]
     masks = [torch.rand(5, 4, generator=g) > 0.3 for _ in range(3)]
     for rescale in (True, False):
-        out = dare(models, base, masks, drop_rate=0.3, scaling_factor=0.7, rescale=rescale)
+        out = dropped_sum(models, base, masks, drop_rate=0.3, scale=0.7, rescale=rescale).add_(base)
         ref = np_(base).copy()
         delta = np.zeros((5, 4))
         for m, k in zip(models, masks):

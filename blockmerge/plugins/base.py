@@ -110,7 +110,7 @@ class Method:
       otherwise elementwise formula belongs in a reduction pass (`tensor_pass`): the method stays
       elementwise and within the budget.
 
-    `prepare` runs once per tensor, on the tensor's first slice, before any of its slices merge; it may read
+    `prepare` runs once per tensor, on one of its slices, before any of them merges; it may read
     only what every slice of the tensor has whole (its name and shape, whole statistics, the state).
 
     A method that reports (`Block.report`) declares in `report_bytes` the most characters one report takes as

@@ -73,14 +73,13 @@ def _dense(counts, size: int) -> list[torch.Tensor]:
     return list(counts)
 
 
-def slices(block: Block) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]]:
-    """The block's models, base and `trimmed` statistics (if given), flattened, SLICE elements at a time."""
+def _slices(block: Block) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """The block's models and base, flattened, SLICE elements at a time."""
     base = block.base.reshape(-1)
     models = [m.reshape(-1) for m in block.models]
-    given = [t.reshape(-1) for t in block.stats["trimmed"]] if "trimmed" in block.stats else None
     for a in range(0, base.numel(), SLICE):
         b = a + SLICE
-        yield [m[a:b] for m in models], base[a:b], None if given is None else [t[a:b] for t in given]
+        yield [m[a:b] for m in models], base[a:b]
 
 
 def magnitude_passes(density: float, mode: Literal["global", "block"]) -> list[Pass]:
@@ -88,7 +87,7 @@ def magnitude_passes(density: float, mode: Literal["global", "block"]) -> list[P
     over the model (`global`) or each tensor (`block`): `state["threshold"][group]`, one per model."""
     def top_counts(block: Block, hp: Any, state: Mapping[str, Any]) -> torch.Tensor:
         counts = torch.zeros(len(block.models), TOP_BINS, dtype=torch.int64, device=block.base.device)
-        for models, base, _ in slices(block):
+        for models, base in _slices(block):
             for row, m in zip(counts, models):
                 row += torch.bincount(task_vector_bits(m, base).bitwise_right_shift_(16), minlength=TOP_BINS)
         return counts.cpu()
@@ -105,7 +104,7 @@ def magnitude_passes(density: float, mode: Literal["global", "block"]) -> list[P
     def low_counts(block: Block, hp: Any, state: Mapping[str, Any]) -> torch.Tensor:
         counts = torch.zeros(len(block.models), LOW_BINS, dtype=torch.int64, device=block.base.device)
         tops = state["top"][group_of(block, mode)]
-        for models, base, _ in slices(block):
+        for models, base in _slices(block):
             for row, m, top in zip(counts, models, tops):
                 if top is not None:
                     # low 16 bits of the values in the top bin, shifted by one; every other value lands in
@@ -131,13 +130,9 @@ def magnitude_passes(density: float, mode: Literal["global", "block"]) -> list[P
             Pass(low_counts, _fold_counts(mode), find_threshold)]
 
 
-def trimmed_or_given(models: list[torch.Tensor], base: torch.Tensor, given: list[torch.Tensor] | None,
-                     thresholds: list[float | None]) -> list[torch.Tensor]:
-    """τ̂_t: the `given` trimmed task vectors, else each θ_t − θ_0 cut at its threshold."""
-    return given if given is not None else [trim(m - base, thr) for m, thr in zip(models, thresholds)]
-
-
 def trimmed_task_vectors(block: Block, mode: str, state: Mapping[str, Any]) -> list[torch.Tensor]:
     """τ̂_t of a block: the given `trimmed` statistics, or the task vectors cut at the found thresholds."""
-    thresholds = state["threshold"][group_of(block, mode)] if "trimmed" not in block.stats else []
-    return trimmed_or_given(block.models, block.base, block.stats.get("trimmed"), thresholds)
+    if "trimmed" in block.stats:
+        return block.stats["trimmed"]
+    thresholds = state["threshold"][group_of(block, mode)]
+    return [trim(m - block.base, thr) for m, thr in zip(block.models, thresholds)]

@@ -1,6 +1,8 @@
 """Task arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic"; docs/methods.md §2).
 
     θ* = θ_0 + λ Σ_t (θ_t − θ_0)         (a sum of task vectors, as in every official code)
+
+The composition Dense × no consensus of :mod:`blockmerge.plugins.task_vectors`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 
 from .base import Block, Method, Needs, docstring_summary
-from .ops import task_arithmetic
+from .task_vectors import Dense, TaskVectorMerge
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class TaskArithmetic:
 
 
 def _merge(block: Block, hp: TaskArithmetic, state: Mapping[str, Any]) -> torch.Tensor:
-    return task_arithmetic(block.models, block.base, hp.scaling_factor)
+    return TaskVectorMerge(Dense(), None, hp.scaling_factor).merge(block, state)
 
 
 METHOD = Method(name="task_arithmetic", description=docstring_summary(__doc__),

@@ -7,7 +7,8 @@
 
 `trim=global` takes thr_t over every merged float tensor of model t, `block` within each tensor;
 given `trimmed` statistics (τ̂_t) are used as they are. The thresholds are exact k-th order
-statistics (:mod:`blockmerge.plugins.magnitude`); the majority sign takes one more pass.
+statistics (:mod:`blockmerge.plugins.magnitude`); the majority sign takes one more pass. TIES is the
+composition Magnitude × SignElection of :mod:`blockmerge.plugins.task_vectors`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from typing import Any, Literal
 
 import torch
 
-from .base import Block, Method, Needs, Pass, docstring_summary
-from .magnitude import group_of, magnitude_passes, slices, trimmed_or_given, trimmed_task_vectors
-from .ops import summed
+from .base import Block, Method, Needs, docstring_summary
+from .task_vectors import Magnitude, SignElection, TaskVectorMerge
 
 
 @dataclass(frozen=True)
@@ -35,53 +35,15 @@ class Ties:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
 
 
-def elect_and_merge(trimmed: list[torch.Tensor], majority_sign: int) -> torch.Tensor:
-    """The disjoint mean τ* of trimmed task vectors, with the elected sign's zeros set to majority_sign.
-
-    Written in float arithmetic only (no boolean masks, which are several times slower on the CPU):
-    with γ = ±1, an entry agrees when t·γ > 0, and Σ relu(t·γ) is the agreeing entries' |sum|.
-    """
-    elected = summed(trimmed).sign_().add_(0.5 * majority_sign).sign_()  # sign(sign(Σ) + m/2): zeros take m
-    magnitude = torch.mul(trimmed[0], elected).relu_()
-    count = torch.sign(magnitude)
-    for t in trimmed[1:]:
-        agreeing = torch.mul(t, elected).relu_()
-        magnitude += agreeing
-        count += agreeing.sign_()
-    return magnitude.div_(count.clamp_(min=1.0)).mul_(elected)
-
-
-def _majority_pass(hp: Ties) -> Pass:
-    def sign_sum(block: Block, hp: Ties, state: Mapping[str, Any]) -> int:
-        thresholds = state["threshold"][group_of(block, hp.trim)] if "trimmed" not in block.stats else []
-        total = 0
-        for models, base, given in slices(block):
-            trimmed = trimmed_or_given(models, base, given, thresholds)
-            total += int(summed(trimmed).sign_().sum(dtype=torch.float64))
-        return total
-
-    def fold(acc, partial, block):
-        acc = acc if acc is not None else {}
-        group = group_of(block, hp.majority_sign)
-        acc[group] = acc.get(group, 0) + partial
-        return acc
-
-    def finish(acc, hp: Ties, state: Mapping[str, Any]) -> dict:
-        return {"majority": {g: 1 if s >= 0 else -1 for g, s in acc.items()}}
-
-    return Pass(sign_sum, fold, finish)
-
-
-def _passes(hp: Ties, kinds: frozenset[str]) -> list[Pass]:
-    trimming = [] if "trimmed" in kinds else magnitude_passes(hp.density, hp.trim)
-    return [*trimming, _majority_pass(hp)]
+def recipe(hp: Ties) -> TaskVectorMerge:
+    """TIES as a composition: exact magnitude trim × sign election."""
+    return TaskVectorMerge(Magnitude(hp.density, hp.trim), SignElection(hp.majority_sign), hp.scaling_factor)
 
 
 def _merge(block: Block, hp: Ties, state: Mapping[str, Any]) -> torch.Tensor:
-    majority = state["majority"][group_of(block, hp.majority_sign)]
-    merged = elect_and_merge(trimmed_task_vectors(block, hp.trim, state), majority)
-    return merged.mul_(hp.scaling_factor).add_(block.base)
+    return recipe(hp).merge(block, state)
 
 
 METHOD = Method(name="ties", description=docstring_summary(__doc__), hyperparameters=Ties, merge=_merge,
-                needs=lambda hp: Needs(base=True, optional_statistics=("trimmed",)), passes=_passes)
+                needs=lambda hp: Needs(base=True, optional_statistics=("trimmed",)),
+                passes=lambda hp, kinds: recipe(hp).passes(kinds))
