@@ -13,9 +13,10 @@ from .engine.output import source_paths
 from .engine.plan import DEFAULT_BLOCK_BYTES
 from .engine.run import execute
 from .engine.sinks import DEFAULT_SHARD_BYTES, infer_format, parse_size
-from .engine.sources import StoreCheckpoint, open_checkpoint, open_statistics
+from .engine.sources import Checkpoint, StoreCheckpoint, open_checkpoint, open_statistics
 from .errors import BlockmergeError
 from .plugins import Common, describe, get, parse_hyperparameters, registry
+from .plugins.hyperparameters import IN_MEMORY, checkpoint_fields
 
 Checkpointish = Mapping[str, torch.Tensor] | str | os.PathLike
 
@@ -44,7 +45,9 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     if scheduler is not None and executor != "dask":
         raise BlockmergeError("a scheduler is given but the executor is local (pass executor='dask' / --executor dask)")
     spec = get(method)
-    hp, common = parse_hyperparameters(spec, hyperparameters)
+    in_memory = {name: hyperparameters[name] for name in checkpoint_fields(spec.hyperparameters)
+                 if isinstance(hyperparameters.get(name), Mapping)}
+    hp, common = parse_hyperparameters(spec, {**hyperparameters, **dict.fromkeys(in_memory, IN_MEMORY)})
     if isinstance(models, (str, os.PathLike, Mapping)) or len(models) == 0:
         raise BlockmergeError("models must be a non-empty list of checkpoints")
     opened = [open_checkpoint(m, f"models[{i}]", repo=repo) for i, m in enumerate(models)]
@@ -53,6 +56,8 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
         base=open_checkpoint(base, "base", repo=repo) if base is not None else None,
         stats=[open_statistics(s, f"stats[{i}]", repo) for i, s in enumerate(stats or [])],
         base_stats=open_statistics(base_stats, "base_stats", repo) if base_stats is not None else {},
+        inputs={name: _hyperparameter_checkpoint(spec.name, name, in_memory.get(name, getattr(hp, name)), repo)
+                for name in spec.needs(hp).checkpoints},
         device=device, dtype=dtype, compute_dtype=compute_dtype,
         block_bytes=parse_size(block_size, "block_size"), progress=progress,
     )
@@ -61,7 +66,7 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     files = (job.base or job.models[0]).files
     options = dict(out_format=out_format, codec=codec, shard_bytes=parse_size(max_shard_size, "max_shard_size"),
                    resume=resume, overwrite=overwrite, files=files,
-                   inputs=source_paths(models, base, stats, base_stats))
+                   inputs=source_paths(models, base, stats, base_stats, [hyperparameters[n] for n in job.inputs]))
     if executor == "dask":
         if out is None:
             raise BlockmergeError("the dask executor writes to a path every worker sees: pass out= / --out")
@@ -72,6 +77,13 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     else:
         summary, tensors = execute(job, layout, out, **options)
     return tensors if out is None else summary
+
+
+def _hyperparameter_checkpoint(method: str, name: str, source: Any, repo: str | os.PathLike | None) -> Checkpoint:
+    try:
+        return open_checkpoint(source, name, repo=repo)
+    except BlockmergeError as err:
+        raise BlockmergeError(f"{method}: hyperparameter {name}: {err}") from None
 
 
 def methods(name: str | None = None, **hyperparameters: Any) -> list[dict[str, Any]]:

@@ -83,7 +83,8 @@ def _each_input(job: Job, fn: Callable[[Any, str], Any]) -> Job:
     return dataclasses.replace(
         job, models=[fn(m, "param") for m in job.models], base=fn(job.base, "param") if job.base else None,
         stats=[{k: fn(c, k) for k, c in s.items()} for s in job.stats],
-        base_stats={k: fn(c, k) for k, c in job.base_stats.items()}, progress=False)
+        base_stats={k: fn(c, k) for k, c in job.base_stats.items()},
+        inputs={k: fn(c, "param") for k, c in job.inputs.items()}, progress=False)
 
 
 @dataclasses.dataclass(frozen=True)

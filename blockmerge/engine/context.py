@@ -28,8 +28,12 @@ class Engine:
         self.roles.update({"base": job.base.label} if job.base else {})
         self.roles.update({f"stats[{t}].{k}": c.label for t, s in enumerate(job.stats) for k, c in s.items()})
         self.roles.update({f"base_stats.{k}": c.label for k, c in job.base_stats.items()})
+        self.roles.update({f"inputs.{k}": c.label for k, c in job.inputs.items()})
         self.changed: set[str] = set()  # roles of inputs found to differ from what a resumed output was merged from
-        self.labels = [m.label for m in job.models] + ([job.base.label] if job.base else [])
+        # (index of its checksums, role, label) of each checkpoint read, as the provenance lists them
+        self.sources = [(t, "model", m.label) for t, m in enumerate(job.models)]
+        self.sources += [(len(job.models), "base", job.base.label)] if job.base else []
+        self.sources += [(len(job.models) + 1 + i, k, c.label) for i, (k, c) in enumerate(job.inputs.items())]
         self.workers: ThreadPoolExecutor | None = None  # merges slices in parallel (see dispatch.map_slices)
         self.worker_count = 0
         # Buffers for the block being merged and the one read ahead (each input and statistic), and its output.

@@ -34,7 +34,8 @@ def to_block(engine: Engine, raw: RawBlock, rows: tuple[int, int] | None = None)
     return Block(ref.name, start, stop, spec.shape, [dev(m) for m in raw.models],
                  dev(raw.base) if raw.base is not None else None,
                  {k: [dev(x, is_elementwise(k)) for x in v] for k, v in raw.stats.items()},
-                 {k: dev(v, is_elementwise(k)) for k, v in raw.base_stats.items()})
+                 {k: dev(v, is_elementwise(k)) for k, v in raw.base_stats.items()},
+                 inputs={k: dev(v) for k, v in raw.inputs.items()})
 
 
 def compute_block(engine: Engine, raw: RawBlock, state: dict, out: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ class Job:
     base: Checkpoint | None = None
     stats: list[dict[str, Checkpoint]] = field(default_factory=list)
     base_stats: dict[str, Checkpoint] = field(default_factory=dict)
+    inputs: dict[str, Checkpoint] = field(default_factory=dict)  # checkpoints named by hyperparameters, by field
     device: str = "cpu"
     dtype: str | None = None
     compute_dtype: str = "float32"
@@ -123,6 +124,18 @@ def check(job: Job) -> Layout:
             if a.dtype != b.dtype:
                 raise BlockmergeError(f"dtype {b.dtype} does not match {a.dtype} in {reference.label}",
                                       path=other.label, param=name)
+    for name in needs.checkpoints:
+        if name not in job.inputs:
+            raise BlockmergeError(f"{method.name}: hyperparameter {name} names a checkpoint, and none was opened")
+    for name, ckpt in job.inputs.items():
+        for param in sorted(n for n, s in specs.items() if s.floating):
+            if param not in ckpt.specs:
+                raise BlockmergeError(f"missing (the {name} checkpoint of {method.name})", path=ckpt.label,
+                                      param=param)
+            if ckpt.specs[param].shape != specs[param].shape or not ckpt.specs[param].floating:
+                raise BlockmergeError(f"{ckpt.specs[param].dtype} {list(ckpt.specs[param].shape)} does not match "
+                                      f"{specs[param].dtype} {list(specs[param].shape)} in {reference.label}",
+                                      path=ckpt.label, param=param)
     if len(job.stats) not in (0, len(job.models)):
         raise BlockmergeError(f"statistics given for {len(job.stats)} models, there are {len(job.models)}")
     supplied = [set(s) for s in job.stats] or [set() for _ in job.models]

@@ -29,8 +29,7 @@ def provenance_of(job: Job, engine: Engine, checksums: dict[str, str],
     for (index, name), digest in sorted(input_checksums.items()):
         per_input.setdefault(index, []).append(f"{name}:{digest}")
     inputs = []
-    for index, label in enumerate(engine.labels):
-        role = "base" if index == len(job.models) else "model"
+    for index, role, label in engine.sources:
         digest = hashlib.sha256("\n".join(per_input.get(index, [])).encode()).hexdigest()
         inputs.append({"role": role, "path": label, "sha256_of_tensors_read": digest})
     return {
@@ -73,7 +72,7 @@ def _identity(ckpt: Checkpoint) -> list:
 def input_paths(job: Job) -> list[Path]:
     """Every file and store the job's checkpoints read."""
     ckpts = [*job.models, *([job.base] if job.base else []), *(c for s in job.stats for c in s.values()),
-             *job.base_stats.values()]
+             *job.base_stats.values(), *job.inputs.values()]
     paths = []
     for ckpt in ckpts:
         paths += [*ckpt.paths(), *ckpt.files]
@@ -93,6 +92,7 @@ def request_of(job: Job, layout: Layout, out_format: str, extra: dict) -> dict:
         "base_stats": {k: _identity(c) for k, c in sorted(job.base_stats.items())},
         "dtype": job.dtype, "compute_dtype": job.compute_dtype, "block_bytes": job.block_bytes,
         "format": out_format, **extra,
+        **({"inputs": {k: _identity(c) for k, c in sorted(job.inputs.items())}} if job.inputs else {}),
     }
 
 

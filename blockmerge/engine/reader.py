@@ -31,6 +31,7 @@ class RawBlock:
     base: torch.Tensor | None
     stats: dict[str, list[torch.Tensor]]
     base_stats: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]
     nbytes: int
     loan: Loan
     pool: BufferPool
@@ -45,7 +46,7 @@ class RawBlock:
     def release(self) -> None:
         """Drop the tensors and settle their loan (the consumer is done with the block; its loop variable may
         outlive it)."""
-        self.models, self.base, self.stats, self.base_stats = [], None, {}, {}
+        self.models, self.base, self.stats, self.base_stats, self.inputs = [], None, {}, {}, {}
         loan, self.loan = self.loan, Loan()
         loan.settle(self.pool)
 
@@ -158,8 +159,11 @@ class Reader:
         try:
             raw_models = [self._read(job.models[t], t, f"models[{t}]", ref.name, *rows, crcs, loan) for t in models]
             base = self._read(job.base, len(job.models), "base", ref.name, *rows, crcs, loan) if with_base else None
-            stats, base_stats = {}, {}
+            stats, base_stats, inputs = {}, {}, {}
             if ref.action == "merge":
+                for i, (field, ckpt) in enumerate(job.inputs.items()):
+                    inputs[field] = self._read(ckpt, len(job.models) + 1 + i, f"inputs.{field}", ref.name, *rows,
+                                               crcs, loan)
                 for kind in self.layout.stat_kinds[ref.name]:
                     stats[kind] = [self._read_stat(s[kind], kind, ref, (t, kind), crcs, loan)
                                    for t, s in enumerate(job.stats)]
@@ -171,9 +175,10 @@ class Reader:
         whole = {id(t) for t in self.whole_stats.values()}
         nbytes = sum(t.numel() * t.element_size() for t in [*raw_models, *([base] if base is not None else []),
                                                              *(x for v in stats.values() for x in v),
-                                                             *base_stats.values()] if id(t) not in whole)
+                                                             *base_stats.values(), *inputs.values()]
+                     if id(t) not in whole)
         nbytes += sum(t.numel() * t.element_size() for key, t in self.whole_stats.items() if key in self.fresh)
-        return RawBlock(ref, raw_models, base, stats, base_stats, nbytes, loan, self.pool, crcs)
+        return RawBlock(ref, raw_models, base, stats, base_stats, inputs, nbytes, loan, self.pool, crcs)
 
     def _read_stat(self, ckpt: Checkpoint, kind: str, ref: BlockRef, key: tuple, crcs: dict[str, int], loan: Loan
                    ) -> torch.Tensor:
@@ -234,9 +239,12 @@ class Reader:
         return ref.action == "merge" and any(not is_elementwise(k) for k in self.layout.stat_kinds[ref.name])
 
     def input_row_bytes(self, name: str) -> int:
-        """Bytes read per row of a tensor: its models and base, and float32 statistics of its own shape."""
+        """Bytes read per row of a tensor: its models and base, the checkpoints named by hyperparameters, and float32
+        statistics of its own shape."""
         models, with_base = self._inputs(BlockRef(name, 0, 1, self.layout.actions[name]))
         spec = self.layout.specs[name]
         same_shape = sum(1 for k in self.layout.stat_kinds.get(name, ()) if is_elementwise(k))
         checkpoints = itemsize(spec.dtype) * (len(models) + with_base)
+        if self.layout.actions[name] == "merge":
+            checkpoints += sum(itemsize(c.specs[name].dtype) for c in self.job.inputs.values())
         return spec.row_numel * (checkpoints + 4 * same_shape * len(self.job.stats))

@@ -11,11 +11,11 @@ from importlib.metadata import entry_points
 
 from ..errors import BlockmergeError
 from .base import Block, Common, Method, Needs, Pass, describe, parse_hyperparameters, tensor_pass
-from .hyperparameters import PerModel, Scheduled
+from .hyperparameters import InputCheckpoint, PerModel, Scheduled
 
 GROUP = "blockmerge.methods"
 
-__all__ = ["Block", "Common", "Method", "Needs", "Pass", "PerModel", "Scheduled", "describe", "get",
+__all__ = ["Block", "Common", "InputCheckpoint", "Method", "Needs", "Pass", "PerModel", "Scheduled", "describe", "get",
            "parse_hyperparameters", "registry", "tensor_pass"]
 
 

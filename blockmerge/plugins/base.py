@@ -20,7 +20,8 @@ class Block:
     """One row range of one parameter, across every model and statistic, as float tensors on the device.
 
     A method may put small JSON-able figures in `report`; they reach the summary and the provenance.
-    `prepared` is what the method's `prepare` returned for this tensor.
+    `prepared` is what the method's `prepare` returned for this tensor; `inputs` the rows of the checkpoints its
+    hyperparameters name (`Needs.checkpoints`).
     Statistics of elementwise kinds (`fisher`, `trimmed`) are cut to the same rows; Gram matrices
     and blockwise Fishers are whole.
     """
@@ -35,6 +36,7 @@ class Block:
     base_stats: dict[str, torch.Tensor] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     prepared: Any = None
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def offset(self) -> int:
@@ -68,7 +70,8 @@ class Needs:
     `statistics`: every model supplies each kind. `optional_statistics`: each kind is read where every
     model supplies it. `one_of_statistics`: every model supplies at least one of the kinds; each is read
     where every model supplies it. The kinds that apply to one tensor's shape are read together.
-    `base_statistics`: kinds the base supplies (read with the base).
+    `base_statistics`: kinds the base supplies (read with the base). `checkpoints`: hyperparameters whose values
+    are checkpoints read beside the models (`Block.inputs`).
     """
 
     base: bool = False
@@ -76,6 +79,7 @@ class Needs:
     optional_statistics: tuple[str, ...] = ()
     one_of_statistics: tuple[str, ...] = ()
     base_statistics: tuple[str, ...] = ()
+    checkpoints: tuple[str, ...] = ()
 
 
 Granularity = Literal["elementwise", "rows", "tensor"]
@@ -204,6 +208,7 @@ def describe(method: Method, hyperparameters: Any = None) -> dict[str, Any]:
         "optional_statistics": list(needs.optional_statistics),
         "one_of_statistics": list(needs.one_of_statistics),
         "base_statistics": list(needs.base_statistics),
+        "checkpoints": list(needs.checkpoints),
     }
 
 

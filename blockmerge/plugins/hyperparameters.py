@@ -4,6 +4,9 @@ A method's hyperparameters are a frozen dataclass. Besides plain `float`, `int`,
 `Literal[...]` and `tuple[...]` fields, two kinds of field are understood by the framework:
 
 - `PerModel[T]`: one value per model, in the models' order; the framework checks the count.
+- `InputCheckpoint`: a checkpoint the merge reads beside the models (a path, `REV:PATH`, a store, or in the
+  Python API a mapping of tensors), block by block; the method lists the fields it reads in `Needs.checkpoints`
+  and finds each block's rows in `Block.inputs[field]`.
 - `Scheduled[float]`: a number, or a schedule giving each tensor its own number, as mergekit's
   configurations write them: a list of numbers is a gradient over the layers (interpolated
   linearly between equally spaced points from the first layer, at 0, to the last, at 1; a tensor
@@ -40,6 +43,10 @@ class _Marker:
 
 PER_MODEL = _Marker("PerModel")
 SCHEDULED = _Marker("Scheduled")
+CHECKPOINT = _Marker("InputCheckpoint")
+IN_MEMORY = "(in memory)"  # what a checkpoint field holds for a mapping given to the Python API
+
+InputCheckpoint = Annotated[str, CHECKPOINT]
 
 
 class PerModel:
@@ -156,6 +163,12 @@ def _flat(value: Any) -> Iterator[Any]:
         yield value
 
 
+def checkpoint_fields(cls: type) -> set[str]:
+    """The fields of a hyperparameter dataclass that may name a checkpoint."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name for f in dataclasses.fields(cls) if CHECKPOINT in _marks(hints[f.name])}
+
+
 def check_model_count(hyperparameters: Any, num_models: int) -> None:
     """Raises ValueError where a per-model value does not have one entry per model."""
     hints = typing.get_type_hints(type(hyperparameters), include_extras=True)
@@ -180,6 +193,8 @@ def coerce(value: Any, tp: Any) -> Any:
     if origin is Annotated:
         if SCHEDULED in tp.__metadata__:
             return _scheduled(value)
+        if CHECKPOINT in tp.__metadata__ and not (isinstance(value, str) and value.strip()):
+            raise ValueError(f"expected a checkpoint (a path, REV:PATH or store), got {value!r}")
         return coerce(value, args[0])
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -296,6 +311,8 @@ def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Annotated:
         inner = typing.get_args(tp)[0]
+        if CHECKPOINT in tp.__metadata__:
+            return "checkpoint"
         if SCHEDULED in tp.__metadata__:
             return f"Scheduled[{type_name(typing.get_args(inner)[0])}]"
         return f"PerModel[{type_name(typing.get_args(inner)[0])}]"

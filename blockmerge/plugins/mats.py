@@ -18,7 +18,8 @@ give `lm_head` no `gram_out`: exclude it, or merge it with another objective).
 
 `solver=cg` runs conjugate gradient with SciPy ≥ 1.12's rules (stop once ‖r‖ < `rtol`·‖b‖, atol 0,
 ‖b‖ = 0 → 0; :mod:`blockmerge.plugins.cg`) for at most `num_iterations` iterations from x0 = `initialization`:
-`task_arithmetic` θ_0 + `init_scaling_factor` · Σ_t (θ_t − θ_0), `average`, `base` θ_0, or `zeros`.
+`task_arithmetic` θ_0 + `init_scaling_factor` · Σ_t (θ_t − θ_0), `average`, `base` θ_0, `zeros`, or any
+checkpoint of the models' shapes (a path, `REV:PATH` or store: another merge, say), read block by block.
 `solver=direct` solves the same system exactly: the explicit inverse with RegMean's singular fallback
 (§6.1: a feature dead in every model gives 0) for every matrix objective, the K-FAC one through its
 Kronecker form vec_row(B W G) = (B ⊗ G) vec_row(W). Arithmetic is in `solve_dtype`. Each tensor
@@ -32,6 +33,7 @@ Defaults (§16): objective `blockwise_fisher`, alpha 1.0, num_iterations 100, in
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,12 +43,14 @@ import torch
 from ..errors import BlockmergeError
 from .base import Block, Method, Needs, docstring_summary
 from .cg import RTOL, conjugate_gradient
+from .hyperparameters import InputCheckpoint
 from .ops import average, inverse_with_fallback, reduce_off_diagonal, summed, task_arithmetic, thread_count_independent
 
 DIRECT_KFAC_MAX_NUMEL = 4096  # solver=direct on K-FAC inverts a [numel, numel] matrix
 
 Objective = Literal["average", "diagonal_fisher", "regmean", "blockwise_fisher"]
 Initialization = Literal["task_arithmetic", "average", "base", "zeros"]
+INITIALIZATIONS = typing.get_args(Initialization)
 
 NEEDS: dict[str, Needs] = {
     "average": Needs(),
@@ -61,7 +65,7 @@ class Mats:
     objective: Objective = "blockwise_fisher"
     alpha: float = 1.0
     num_iterations: int = 100
-    initialization: Initialization = "task_arithmetic"
+    initialization: Initialization | InputCheckpoint = "task_arithmetic"
     init_scaling_factor: float = 0.3
     solver: Literal["cg", "direct"] = "cg"
     solve_dtype: Literal["float32", "float64"] = "float32"
@@ -138,8 +142,11 @@ def system(objective: Objective, alpha: float, models: list[torch.Tensor],
     return _kfac_system(models, _reduced(stats["gram_in"], alpha), _reduced(stats["gram_out"], alpha))
 
 
-def initial(hp: Mats, models: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor | None:
-    """x0 under `hp.initialization` (None: zeros)."""
+def initial(hp: Mats, models: list[torch.Tensor], base: torch.Tensor | None,
+            inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """x0 under `hp.initialization` (None: zeros); a checkpoint's tensor is in `inputs`."""
+    if hp.initialization not in INITIALIZATIONS:
+        return inputs["initialization"].to(models[0].dtype)
     if hp.initialization == "average":
         return average(models)
     if hp.initialization == "task_arithmetic":
@@ -155,7 +162,7 @@ def mats(block: Block, hp: Mats) -> tuple[torch.Tensor, dict]:
     models = [m.to(dtype) for m in block.models]
     stats = {k: [s.to(dtype) for s in v] for k, v in block.stats.items()}
     problem = system(hp.objective, hp.alpha, models, stats)
-    x0 = initial(hp, models, block.base.to(dtype) if block.base is not None else None)
+    x0 = initial(hp, models, block.base.to(dtype) if block.base is not None else None, block.inputs)
     if hp.solver == "cg":
         result = conjugate_gradient(problem.matvec, problem.b, x0, maxiter=hp.num_iterations, rtol=hp.rtol)
         x, iterations = result.x, result.iterations
@@ -181,7 +188,8 @@ def _merge(block: Block, hp: Mats, state: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _needs(hp: Mats) -> Needs:
-    return dataclasses.replace(NEEDS[hp.objective], base=hp.initialization in ("task_arithmetic", "base"))
+    return dataclasses.replace(NEEDS[hp.objective], base=hp.initialization in ("task_arithmetic", "base"),
+                               checkpoints=() if hp.initialization in INITIALIZATIONS else ("initialization",))
 
 
 METHOD = Method(name="mats", description=docstring_summary(__doc__), hyperparameters=Mats, merge=_merge,
