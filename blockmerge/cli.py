@@ -18,7 +18,7 @@ from .clitools import one_line_errors as _errors
 from .clitools import parse_pairs as _parse_pairs
 from .engine.job import Summary
 from .engine.plan import DEFAULT_BLOCK_BYTES
-from .engine.sinks import FORMATS, parse_size
+from .engine.sinks import formats, parse_size
 from .errors import BlockmergeError
 
 CONFIG_KEYS = {"method", "models", "base", "base_stats", "set", "out", "format", "block_size", "device", "dtype",
@@ -116,7 +116,7 @@ def main() -> None:
 @click.option("--base-stats", help="Statistics store of the base.")
 @click.option("--set", "sets", multiple=True, help="Hyperparameter NAME=VALUE (canonical names).")
 @click.option("--out", "-o", help="Output: a .safetensors file or a directory.")
-@click.option("--format", type=click.Choice(FORMATS), help="Output format (default: from --out).")
+@click.option("--format", type=click.Choice(formats()), help="Output format (default: from --out).")
 @click.option("--block-size", help=f"Bytes of inputs per block (default {DEFAULT_BLOCK_BYTES // 2**20}MiB).")
 @click.option("--device", help="cpu, cuda or cuda:N.")
 @click.option("--dtype", help="Output dtype of merged tensors (default: the models').")

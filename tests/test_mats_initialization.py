@@ -72,7 +72,8 @@ def test_the_command_line_reads_the_start_and_records_it_in_the_provenance(tmp_p
     args = [sys.executable, "-m", "blockmerge", "merge", "-q", "--method", "mats", "--set", "objective=diagonal_fisher",
             "--set", "num_iterations=3", "--set", f"initialization={tmp_path / 'start.safetensors'}"]
     for i, (path, s) in enumerate(zip(model_paths, stats)):
-        args += ["--model", str(path), "--stats", f"{i}={write_statistics({'fisher': s['fisher']}, tmp_path / f's{i}', {})}"]
+        store = write_statistics({"fisher": s["fisher"]}, tmp_path / f"s{i}", {})
+        args += ["--model", str(path), "--stats", f"{i}={store}"]
     out = tmp_path / "merged.safetensors"
     run = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, env=dict(os.environ))
     assert run.returncode == 0, run.stderr

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from collections.abc import Callable
 from fractions import Fraction
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
@@ -15,7 +18,7 @@ from .safetensors_io import SafetensorsWriter
 from .store import StoreWriter, copy_files, write_json_atomic
 from .tensors import TensorSpec, torch_dtype
 
-FORMATS = ("store", "safetensors", "hf")
+SINKS = "blockmerge.sinks"  # entry points: output format name -> a callable with open_sink's arguments
 PROVENANCE_FILE = "blockmerge-provenance.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
@@ -148,11 +151,21 @@ class SafetensorsSink(Sink):
             w.close()
 
 
+@functools.cache
+def _sinks() -> dict[str, Callable[..., Sink]]:
+    return {ep.name: ep.load() for ep in sorted(entry_points(group=SINKS), key=lambda ep: ep.name)}
+
+
+def formats() -> list[str]:
+    """The output formats registered under the entry-point group `blockmerge.sinks`."""
+    return list(_sinks())
+
+
 def infer_format(out: str | os.PathLike, format: str | None) -> str:
     if format is None:
         return "safetensors" if str(out).endswith(".safetensors") else "store"
-    if format not in FORMATS:
-        raise BlockmergeError(f"unknown output format {format!r} (choose from {', '.join(FORMATS)})")
+    if format not in _sinks():
+        raise BlockmergeError(f"unknown output format {format!r} (choose from {', '.join(formats())})")
     if format == "store" and str(out).endswith(".safetensors"):
         raise BlockmergeError("a store is a directory; name it without .safetensors", path=out)
     return format
@@ -161,11 +174,30 @@ def infer_format(out: str | os.PathLike, format: str | None) -> str:
 def open_sink(path: Path, format: str, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int,
               files: list[Path], create: bool, kind: str = "param", provenance_bytes: int = 0) -> Sink:
     """The sink writing `format` at `path` (created, or reopened to resume); a store's arrays are of `kind`.
-    A single `.safetensors` file keeps room in its header for a provenance of `provenance_bytes` of JSON."""
-    if format == "store":
-        return StoreSink(path, specs, codec, files, create=create, kind=kind)
-    single = path.name.endswith(".safetensors")
-    return SafetensorsSink(path, specs, shard_bytes, files if format == "hf" else [], create=create, single=single,
+    A single `.safetensors` file keeps room in its header for a provenance of `provenance_bytes` of JSON.
+    Formats are registered under the entry-point group `blockmerge.sinks`, each a callable of these arguments."""
+    return _sinks()[format](path, specs, codec=codec, shard_bytes=shard_bytes, files=files, create=create, kind=kind,
+                            provenance_bytes=provenance_bytes)
+
+
+def store_sink(path: Path, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int, files: list[Path],
+               create: bool, kind: str, provenance_bytes: int) -> Sink:
+    """A blockmerge store of arrays of `kind`, with the checkpoint's other `files`."""
+    return StoreSink(path, specs, codec, files, create=create, kind=kind)
+
+
+def safetensors_sink(path: Path, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int, files: list[Path],
+                     create: bool, kind: str, provenance_bytes: int) -> Sink:
+    """One `.safetensors` file, or shards of at most `shard_bytes` and their index in a directory."""
+    return SafetensorsSink(path, specs, shard_bytes, [], create=create, single=path.name.endswith(".safetensors"),
+                           reserve=metadata_reserve(provenance_bytes))
+
+
+def hf_sink(path: Path, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int, files: list[Path],
+            create: bool, kind: str, provenance_bytes: int) -> Sink:
+    """A Hugging Face directory: safetensors shards, their index, and the checkpoint's other `files` (config,
+    tokenizer)."""
+    return SafetensorsSink(path, specs, shard_bytes, files, create=create, single=path.name.endswith(".safetensors"),
                            reserve=metadata_reserve(provenance_bytes))
 
 

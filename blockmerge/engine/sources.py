@@ -22,6 +22,7 @@ from .store import StoreReader, is_store, regular_file
 from .tensors import TensorSpec, dense_layout_problem, dtype_name
 
 RESOLVERS = "blockmerge.resolvers"  # entry points: (source: str, where) -> Checkpoint | None
+FORMATS = "blockmerge.sources"  # entry points: (path: Path, kind: str) -> Checkpoint | None (None: not this format)
 
 KIND_KEY = "blockmerge_statistic"
 
@@ -292,14 +293,44 @@ class StoreCheckpoint(Checkpoint):
         return [self.reader.path / "blockmerge.json"]
 
 
+def open_store(path: Path, kind: str) -> Checkpoint | None:
+    """A blockmerge store (a directory), read as statistics of `kind` or parameters."""
+    return StoreCheckpoint(path, kind) if path.is_dir() and is_store(path) else None
+
+
+def open_safetensors(path: Path, kind: str) -> Checkpoint | None:
+    """A `.safetensors` file or a shard index of them."""
+    return SafetensorsCheckpoint(path) if path.name.endswith((".safetensors", ".safetensors.index.json")) else None
+
+
+def open_torch(path: Path, kind: str) -> Checkpoint | None:
+    """A PyTorch `.bin`/`.pt`/`.pth` file or a shard index of them (read without unpickling code)."""
+    name = path.name
+    return TorchCheckpoint(path) if name.endswith((".bin", ".pt", ".pth", ".bin.index.json")) else None
+
+
+@functools.cache
+def _formats() -> tuple[Callable[[Path, str], Checkpoint | None], ...]:
+    return tuple(ep.load() for ep in sorted(entry_points(group=FORMATS), key=lambda ep: ep.name))
+
+
+def _open_format(path: Path, kind: str) -> Checkpoint | None:
+    for opener in _formats():
+        checkpoint = opener(path, kind)
+        if checkpoint is not None:
+            return checkpoint
+    return None
+
+
 def _open_path(path: Path, kind: str) -> Checkpoint:
     try:
         path.stat()
     except OSError as err:
         raise BlockmergeError(f"cannot open ({err.strerror.lower()})", path=path) from None
     if path.is_dir():
-        if is_store(path):
-            return StoreCheckpoint(path, kind)
+        opened = _open_format(path, kind)
+        if opened is not None:
+            return opened
         for weights in WEIGHT_FILES:
             if (path / weights).is_file():
                 ckpt = _open_path(path / weights, kind)
@@ -308,11 +339,9 @@ def _open_path(path: Path, kind: str) -> Checkpoint:
         raise BlockmergeError("directory holds no checkpoint (no blockmerge store, "
                               f"no {' / '.join(WEIGHT_FILES)})", path=path)
     regular_file(path)
-    name = path.name
-    if name.endswith((".safetensors", ".safetensors.index.json")):
-        return SafetensorsCheckpoint(path)
-    if name.endswith((".bin", ".pt", ".pth")) or name.endswith(".bin.index.json"):
-        return TorchCheckpoint(path)
+    opened = _open_format(path, kind)
+    if opened is not None:
+        return opened
     raise BlockmergeError("unknown checkpoint format (expected .safetensors, a shard index, .bin/.pt, "
                           "a Hugging Face directory or a blockmerge store)", path=path)
 

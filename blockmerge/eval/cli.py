@@ -12,7 +12,7 @@ import click
 from rich.table import Table
 
 from ..clitools import console, one_line_errors, parse_pairs, show_progress
-from ..engine.sinks import FORMATS
+from ..engine.sinks import formats
 from ..errors import BlockmergeError
 from .evaluate import evaluate
 from .sweep import parse_grid, search, sweep
@@ -119,7 +119,7 @@ def _merge_options(fn):
         click.option("--config", help="Directory whose config.json gives the architecture (default: the task's, "
                                       "else --base's, else the first model's directory)."),
         click.option("--out", "-o", help="Write the best merge here (.safetensors file or directory)."),
-        click.option("--format", type=click.Choice(FORMATS), help="Output format (default: from --out)."),
+        click.option("--format", type=click.Choice(formats()), help="Output format (default: from --out)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output."),
         click.option("--json-out", help="Write every candidate's results as JSON to this file."),
         click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
