@@ -159,6 +159,17 @@ def test_revisions_read_without_checkout_and_merge_like_in_memory(family_repo, m
         blockmerge.merge("average", models=["nope:model.safetensors"], repo=repo)
 
 
+def test_mats_starts_from_a_checkpoint_at_a_revision(family_repo, monkeypatch):
+    repo, base, models, stats = family_repo
+    monkeypatch.chdir(repo.parent)
+    options = dict(models=[models["task-a"], models["task-b"]], objective="diagonal_fisher", num_iterations=3,
+                   stats=[{"fisher": stats[t]["fisher"]} for t in ("task-a", "task-b")])
+    at_revision = blockmerge.merge("mats", initialization="main:model.safetensors", repo=repo, **options)
+    assert_same(at_revision, blockmerge.merge("mats", initialization=base, **options))
+    with pytest.raises(BlockmergeError, match="hyperparameter initialization: .*unknown revision 'nope'"):
+        blockmerge.merge("mats", initialization="nope:model.safetensors", repo=repo, **options)
+
+
 @pytest.mark.parametrize("method", sorted(registry()))
 def test_each_git_theta_plugin_merges_like_blockmerge(repo_copy, monkeypatch, method):
     """git-theta's merge tool calls a plugin per parameter; every parameter equals blockmerge.merge's."""
