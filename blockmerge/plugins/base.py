@@ -140,17 +140,17 @@ class Method:
         if num_models < least or (most is not None and num_models > most):
             count = (f"exactly {least}" if least == most else f"at least {least}" if most is None
                      else f"{least} to {most}")
-            raise ValueError(f"merges {count} models, got {num_models}")
+            raise ValueError(f"merges {count} model{'' if count.endswith(' 1') else 's'}, got {num_models}")
         check_model_count(hyperparameters, num_models)
         if self.check is not None:
             self.check(hyperparameters, num_models)
 
 
 def tensor_pass(key: str, row_values: Callable[[Block, Any, Mapping[str, Any]], torch.Tensor],
-                finish: Callable[[list[float], Any], Any] | None = None) -> Pass:
+                finish: Callable[[list[float], Any, str], Any] | None = None) -> Pass:
     """A reduction within each tensor: `row_values(block, hp, state)` gives float64 [rows of the block, k] per-row
     sums (see `ops.row_sums`); each column is added over the tensor's rows exactly (math.fsum), so the totals do
-    not depend on the blocks. `state[key][name]` is then the k totals, or `finish(totals, hp)` of them."""
+    not depend on the blocks. `state[key][name]` is then the k totals, or `finish(totals, hp, name)` of them."""
 
     def fold(acc, partial: torch.Tensor, block: Block) -> dict[str, list[torch.Tensor]]:
         acc = acc if acc is not None else {}
@@ -162,7 +162,7 @@ def tensor_pass(key: str, row_values: Callable[[Block, Any, Mapping[str, Any]], 
         for name, parts in acc.items():
             columns = torch.cat(parts).T.tolist()
             sums = [math.fsum(c) for c in columns]
-            totals[name] = finish(sums, hp) if finish is not None else sums
+            totals[name] = finish(sums, hp, name) if finish is not None else sums
         return {key: totals}
 
     return Pass(row_values, fold, done)

@@ -62,5 +62,5 @@ def _merge(block: Block, hp: Slerp, state: Mapping[str, Any]) -> torch.Tensor:
 
 
 METHOD = Method(name="slerp", description=docstring_summary(__doc__), hyperparameters=Slerp, merge=_merge,
-                passes=lambda hp, kinds: [tensor_pass(COSINE, _products, lambda sums, hp: cosine(*sums))],
+                passes=lambda hp, kinds: [tensor_pass(COSINE, _products, lambda sums, hp, name: cosine(*sums))],
                 model_count=(2, 2))
