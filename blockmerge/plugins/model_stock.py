@@ -1,0 +1,75 @@
+"""Model Stock (Jang et al. 2024, "Model Stock: All We Need Is Just a Few Fine-Tuned Models"; as mergekit's
+`model_stock`; docs/methods.md §21).
+
+For each tensor, with the task vectors τ_k = θ_k − θ_0 of N ≥ 2 models:
+
+    cos_kl = clamp(τ_k · τ_l / max(‖τ_k‖ ‖τ_l‖, 1e-6), −1, 1),   c = the mean of cos_kl over pairs k < l
+    t = N c / (1 + (N − 1) c)
+    θ* = t · (1/N) Σ_k θ_k + (1 − t) θ_0
+
+The dot products are exact sums over each tensor (one reduction pass), so the merge is elementwise and
+stays within the block budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import BlockmergeError
+from .base import Block, Method, Needs, docstring_summary, tensor_pass
+from .ops import average, row_sums
+
+COSINE_FLOOR = 1e-6  # the least product of norms a cosine is divided by
+RATIO = "model_stock.t"  # state: t of each tensor
+
+
+@dataclass(frozen=True)
+class ModelStock:
+    """No hyperparameters: the interpolation ratio comes from the task vectors' angles."""
+
+
+def _pairs(count: int) -> list[tuple[int, int]]:
+    return [(k, j) for k in range(count) for j in range(k, count)]
+
+
+def _products(block: Block, hp: ModelStock, state: Mapping[str, Any]) -> torch.Tensor:
+    """Per row: τ_k · τ_j for every pair k ≤ j, in float64 (products of float32 values are exact there)."""
+    taus = [(m - block.base).to(torch.float64) for m in block.models]
+    return torch.stack([row_sums(taus[k] * taus[j]) for k, j in _pairs(len(taus))], dim=1).cpu()
+
+
+def ratio(dots: dict[tuple[int, int], float], count: int) -> float:
+    """t from the task vectors' dot products (keys (k, j), k ≤ j) of `count` models."""
+    cosines = []
+    for k, j in itertools.combinations(range(count), 2):
+        norms = math.sqrt(dots[(k, k)]) * math.sqrt(dots[(j, j)])
+        cosines.append(min(1.0, max(-1.0, dots[(k, j)] / max(norms, COSINE_FLOOR))))
+    c = sum(cosines) / len(cosines)
+    denominator = 1.0 + (count - 1) * c
+    if denominator == 0.0:
+        raise ValueError(f"the task vectors' mean cosine is -1/{count - 1}: t = N c / (1 + (N − 1) c) is infinite")
+    return count * c / denominator
+
+
+def _finish(sums: list[float], hp: ModelStock, name: str) -> float:
+    count = math.isqrt(8 * len(sums) + 1) // 2  # len(sums) = count (count + 1) / 2
+    try:
+        return ratio(dict(zip(_pairs(count), sums)), count)
+    except ValueError as err:
+        raise BlockmergeError(f"model_stock: {err}", param=name) from None
+
+
+def _merge(block: Block, hp: ModelStock, state: Mapping[str, Any]) -> torch.Tensor:
+    t = state[RATIO][block.name]
+    return average(block.models).mul_(t).add_(block.base, alpha=1.0 - t)
+
+
+METHOD = Method(name="model_stock", description=docstring_summary(__doc__), hyperparameters=ModelStock,
+                merge=_merge, needs=lambda hp: Needs(base=True),
+                passes=lambda hp, kinds: [tensor_pass(RATIO, _products, _finish)], model_count=(2, None))
