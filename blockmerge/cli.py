@@ -12,7 +12,7 @@ import click
 import yaml
 from rich.table import Table
 
-from . import api
+from . import api, mergekit
 from .clitools import console, show_progress
 from .clitools import one_line_errors as _errors
 from .clitools import parse_pairs as _parse_pairs
@@ -57,6 +57,36 @@ def _load_config(path: Path) -> dict[str, Any]:
     if not isinstance(config.get("set", {}), dict):
         raise BlockmergeError("config key 'set' must be a mapping of hyperparameters", path=path)
     return config
+
+
+def _is_mergekit(path: Path) -> bool:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # _load_config says what is wrong
+    return isinstance(config, dict) and "merge_method" in config
+
+
+@click.command("mergekit-yaml")
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out")
+@click.option("--cuda", is_flag=True, help="Merge on the GPU (cuda).")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+              help="Copy the base model's tokenizer and config files into OUT.")
+@click.option("--out-shard-size", default="5GiB", show_default=True, help="Largest safetensors shard.")
+@click.option("--allow-crimes", is_flag=True, help="Accepted for mergekit's scripts (architectures must match).")
+@click.option("--lazy-unpickle", is_flag=True, help="Accepted for mergekit's scripts (inputs are always read lazily).")
+@click.option("--low-cpu-memory", is_flag=True, help="Accepted for mergekit's scripts (memory is always bounded).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (atomically, when complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_errors
+def mergekit_yaml(config: Path, out: str, cuda: bool, copy_tokenizer: bool, out_shard_size: str, allow_crimes: bool,
+                  lazy_unpickle: bool, low_cpu_memory: bool, overwrite: bool, quiet: bool) -> None:
+    """Merge as a mergekit YAML configuration says, with mergekit-yaml's arguments, into the directory OUT."""
+    summary = mergekit.merge(config, out, device="cuda" if cuda else "cpu", max_shard_size=out_shard_size,
+                             copy_tokenizer=copy_tokenizer, overwrite=overwrite, progress=show_progress(quiet))
+    if not quiet:
+        print_summary([summary])
 
 
 def print_summary(summaries: list[Summary]) -> None:
@@ -137,7 +167,15 @@ def main() -> None:
 def merge(config, method, base, models, stats, base_stats, sets, out, format, block_size, device, dtype,
           compute_dtype, codec, max_shard_size, repo, commit, message, resume, overwrite, quiet, executor,
           scheduler) -> None:
-    """Merge checkpoints with a method and write the result."""
+    """Merge checkpoints with a method and write the result (a mergekit configuration is read as mergekit does)."""
+    if config and _is_mergekit(config):
+        if not out:
+            raise BlockmergeError("a mergekit config gives no output: pass --out")
+        summary = mergekit.merge(config, out, device=device or "cpu", max_shard_size=max_shard_size or "5GiB",
+                                 overwrite=overwrite, progress=show_progress(quiet))
+        if not quiet:
+            print_summary([summary])
+        return
     cfg = _load_config(config) if config else {"models": [], "stats": []}
     flags = {"method": method, "base": base, "base_stats": base_stats, "out": out, "format": format,
              "block_size": block_size, "device": device, "dtype": dtype, "compute_dtype": compute_dtype,
@@ -171,6 +209,9 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, bl
                   **hyperparameters)
     if not quiet:
         print_summary([summary])
+
+
+main.add_command(mergekit_yaml)
 
 
 @main.command()

@@ -1,0 +1,201 @@
+"""mergekit's YAML configurations, merged by blockmerge: the keys `mergekit-yaml` reads, mapped onto blockmerge's
+methods with mergekit's semantics. A key, value or method not supported yet is one error naming it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import api
+from .engine.job import Summary
+from .errors import BlockmergeError
+
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "slices", "modules", "tokenizer", "chat_template"}
+UNSUPPORTED_KEYS = {"slices": "slices (layer ranges)", "modules": "modules", "tokenizer": "tokenizer:",
+                    "chat_template": "chat_template"}
+DTYPES = {"float32", "float16", "bfloat16"}
+
+
+@dataclass
+class MergekitConfig:
+    """A mergekit configuration as read: the method, the base, the models with their own parameters, the global
+    parameters, and the output dtype."""
+
+    method: str
+    base: str | None
+    models: list[str]
+    model_parameters: list[dict[str, Any]]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+
+    def per_model(self, name: str, default: Any = None, required: bool = False) -> list[Any]:
+        """Each model's value of a per-model parameter: its own, else the global one, else `default`."""
+        values = []
+        for model, own in zip(self.models, self.model_parameters):
+            value = own.get(name, self.parameters.get(name, default))
+            if value is None and required and model != self.base:
+                raise BlockmergeError(f"mergekit config: model {model} has no {name!r} (required by "
+                                      f"{self.method})")
+            values.append(value)
+        return values
+
+
+def _model_path(ref: Any, where: Path) -> str:
+    if isinstance(ref, dict):
+        if set(ref) - {"model", "path"}:
+            raise BlockmergeError(f"mergekit config: model reference {ref!r}: only a local path is supported yet")
+        ref = ref.get("model", ref.get("path"))
+        if isinstance(ref, dict):
+            return _model_path(ref, where)
+    if not isinstance(ref, str) or not ref:
+        raise BlockmergeError(f"mergekit config: expected a model path, got {ref!r}")
+    if "+" in ref:
+        raise BlockmergeError(f"mergekit config: model {ref!r}: a LoRA applied to a model is not supported yet")
+    if "@" in ref:
+        raise BlockmergeError(f"mergekit config: model {ref!r}: a revision of a hub model is not supported "
+                              "(blockmerge reads local directories)")
+    path = Path(ref) if Path(ref).is_absolute() else where / ref
+    if not path.exists():
+        raise BlockmergeError("mergekit config: no such local model directory (hub models are not downloaded)",
+                              path=path)
+    return str(path)
+
+
+def read(path: str | os.PathLike) -> MergekitConfig:
+    """The configuration at `path`, checked against what blockmerge supports."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise BlockmergeError(f"cannot read mergekit config ({str(err).splitlines()[0]})", path=path) from None
+    if not isinstance(config, dict) or "merge_method" not in config:
+        raise BlockmergeError("not a mergekit config (no merge_method)", path=path)
+    unknown = sorted(set(config) - TOP_KEYS)
+    if unknown:
+        raise BlockmergeError(f"unknown mergekit config key {unknown[0]!r}", path=path)
+    for key, what in UNSUPPORTED_KEYS.items():
+        if key in config:
+            raise BlockmergeError(f"mergekit's {what} is not supported yet", path=path)
+    if config.get("tokenizer_source") not in (None, "base"):
+        raise BlockmergeError(f"tokenizer_source {config['tokenizer_source']!r} is not supported yet (only base: the "
+                              "base model's tokenizer files are copied)", path=path)
+    method = config["merge_method"]
+    if method not in METHODS:
+        raise BlockmergeError(f"mergekit method {method!r} is not supported yet (supported: "
+                              f"{', '.join(sorted(METHODS))})", path=path)
+    where = path.parent
+    base = _model_path(config["base_model"], where) if config.get("base_model") is not None else None
+    entries = config.get("models") or []
+    if not isinstance(entries, list) or not entries:
+        raise BlockmergeError("mergekit config: models must be a non-empty list", path=path)
+    models, own = [], []
+    for entry in entries:
+        ref = entry.get("model") if isinstance(entry, dict) else entry
+        parameters = entry.get("parameters", {}) if isinstance(entry, dict) else {}
+        if not isinstance(parameters, dict):
+            raise BlockmergeError(f"mergekit config: parameters of {ref!r} must be a mapping", path=path)
+        models.append(_model_path(ref, where))
+        own.append(parameters)
+    if base is not None and base not in models:  # as mergekit does: the base becomes an input with no parameters
+        models.append(base)
+        own.append({})
+    dtype = config.get("out_dtype") or config.get("dtype")
+    if dtype is not None:
+        dtype = str(dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise BlockmergeError(f"mergekit config: dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}",
+                                  path=path)
+    parameters = config.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BlockmergeError("mergekit config: parameters must be a mapping", path=path)
+    return MergekitConfig(method, base, models, own, parameters, dtype)
+
+
+@dataclass(frozen=True)
+class Translation:
+    """How a mergekit method becomes a blockmerge merge: the method and its arguments."""
+
+    method: str
+    models: list[str]
+    base: str | None
+    hyperparameters: dict[str, Any]
+
+
+def _scalar(cfg: MergekitConfig, name: str, default: Any) -> Any:
+    value = cfg.parameters.get(name, default)
+    if not isinstance(value, (bool, int, float)):
+        raise BlockmergeError(f"mergekit config: {name} given per tensor is not supported yet")
+    return value
+
+
+def _linear(cfg: MergekitConfig) -> Translation:
+    weights = cfg.per_model("weight", required=True)
+    order = sorted(range(len(cfg.models)), key=lambda i: cfg.models[i] != cfg.base)  # the base's files first
+    return Translation("linear", [cfg.models[i] for i in order], None,
+                       {"weights": [weights[i] for i in order], "normalize": bool(_scalar(cfg, "normalize", True))})
+
+
+def _slerp(cfg: MergekitConfig) -> Translation:
+    if cfg.base is None:
+        raise BlockmergeError("mergekit config: slerp needs base_model (the model at t = 0)")
+    others = [m for m in cfg.models if m != cfg.base]
+    if len(others) != 1:
+        raise BlockmergeError(f"mergekit config: slerp merges base_model and exactly one other model, got "
+                              f"{len(others)} others")
+    if "t" not in cfg.parameters:
+        raise BlockmergeError("mergekit config: slerp needs the parameter t")
+    return Translation("slerp", [cfg.base, others[0]], None, {"t": cfg.parameters["t"]})
+
+
+def _task_arithmetic(cfg: MergekitConfig) -> Translation:
+    _others(cfg)
+    others = [i for i, m in enumerate(cfg.models) if m != cfg.base]
+    weights = cfg.per_model("weight", required=True)
+    if any(weights[i] != 1 for i in others) or _scalar(cfg, "normalize", False):
+        raise BlockmergeError("mergekit config: task_arithmetic with weights other than 1 or normalize is not "
+                              "supported yet")
+    return Translation("task_arithmetic", [cfg.models[i] for i in others], cfg.base,
+                       {"scaling_factor": float(_scalar(cfg, "lambda", 1.0))})
+
+
+def _others(cfg: MergekitConfig) -> list[str]:
+    if cfg.base is None:
+        raise BlockmergeError(f"mergekit config: {cfg.method} needs base_model")
+    return [m for m in cfg.models if m != cfg.base]
+
+
+def _model_stock(cfg: MergekitConfig) -> Translation:
+    if _scalar(cfg, "filter_wise", False):
+        raise BlockmergeError("mergekit config: model_stock's filter_wise is not supported yet")
+    return Translation("model_stock", _others(cfg), cfg.base, {})
+
+
+def _nearswap(cfg: MergekitConfig) -> Translation:
+    if "t" not in cfg.parameters:
+        raise BlockmergeError("mergekit config: nearswap needs the parameter t")
+    return Translation("nearswap", _others(cfg), cfg.base, {"t": cfg.parameters["t"]})
+
+
+METHODS: dict[str, Callable[[MergekitConfig], Translation]] = {
+    "linear": _linear, "slerp": _slerp, "task_arithmetic": _task_arithmetic, "model_stock": _model_stock,
+    "nearswap": _nearswap,
+}
+
+
+def merge(config: str | os.PathLike, out: str | os.PathLike, *, device: str = "cpu", max_shard_size: int | str
+          = "5GiB", copy_tokenizer: bool = True, overwrite: bool = False, progress: bool = False) -> Summary:
+    """Merge as the mergekit configuration at `config` says, into the Hugging Face directory `out`."""
+    cfg = read(config)
+    translation = METHODS[cfg.method](cfg)
+    if not copy_tokenizer:
+        raise BlockmergeError("--no-copy-tokenizer is not supported yet: the output directory gets the base "
+                              "model's (or the first model's) files")
+    return api.merge(translation.method, translation.models, base=translation.base, out=out, format="hf",
+                     dtype=cfg.dtype, device=device, max_shard_size=max_shard_size, overwrite=overwrite,
+                     progress=progress, **translation.hyperparameters)

@@ -1,0 +1,134 @@
+"""mergekit YAML configurations run by `blockmerge mergekit-yaml` (and `merge -c`) on tiny transformers Llamas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import blockmerge
+from blockmerge.cli import main
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory) -> dict[str, Path]:
+    """A base Llama (2 layers) saved by transformers and two fine-tunes of it (noise), as Hugging Face directories."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llamas")
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    base = load_file(root / "base" / "model.safetensors")
+    dirs = {"base": root / "base"}
+    for name, seed in (("a", 1), ("b", 2)):
+        g = torch.Generator().manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(root / name)
+        save_file({n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()},
+                  root / name / "model.safetensors", metadata={"format": "pt"})
+        dirs[name] = root / name
+    return dirs
+
+
+def run_config(tmp_path: Path, config: dict, *extra: str) -> tuple[int, str, Path]:
+    path, out = tmp_path / "config.yml", tmp_path / "merged"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["mergekit-yaml", str(path), str(out), "-q", *extra])
+    return result.exit_code, result.output, out
+
+
+def merged_tensors(out: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((out / "model.safetensors.index.json").read_text()) if (
+        out / "model.safetensors.index.json").exists() else None
+    files = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
+    return {n: t for f in files for n, t in load_file(out / f).items()}
+
+
+def test_linear_with_per_model_weights_by_filter_and_layer_loads_in_transformers(llamas, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    weights_a = [{"filter": "self_attn", "value": [1.0, 0.0]}, {"value": 0.5}]
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": str(llamas["a"]), "parameters": {"weight": weights_a}},
+                         {"model": str(llamas["b"]), "parameters": {"weight": 0.5}}]}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 0, output
+    a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
+    got = merged_tensors(out)
+    for name in a:
+        if "self_attn" in name:
+            w = 1.0 if ".layers.0." in name else 0.0  # the gradient's ends: layer 0 and layer 1 of 2
+        else:
+            w = 0.5
+        expected = (w * a[name].double() + 0.5 * b[name].double()) / (w + 0.5)
+        np.testing.assert_allclose(got[name].double().numpy(), expected.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+    assert (out / "config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_slerp_from_the_classic_config_equals_blockmerge_slerp(llamas, tmp_path):
+    t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+         {"value": 0.5}]
+    config = {"merge_method": "slerp", "base_model": str(llamas["a"]), "dtype": "bfloat16",
+              "models": [{"model": str(llamas["a"])}, {"model": str(llamas["b"])}], "parameters": {"t": t}}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 0, output
+    expected = blockmerge.merge("slerp", [str(llamas["a"]), str(llamas["b"])], t=t, dtype="bfloat16")
+    got = merged_tensors(out)
+    assert got.keys() == expected.keys()
+    assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], expected[n]) for n in got)
+
+
+def test_task_arithmetic_and_merge_c_read_the_same_file(llamas, tmp_path):
+    config = {"merge_method": "task_arithmetic", "base_model": str(llamas["base"]),
+              "models": [{"model": str(llamas["a"]), "parameters": {"weight": 1.0}},
+                         {"model": str(llamas["b"]), "parameters": {"weight": 1.0}}],
+              "parameters": {"lambda": 0.6}}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 0, output
+    expected = blockmerge.merge("task_arithmetic", [str(llamas["a"]), str(llamas["b"])], base=str(llamas["base"]),
+                                scaling_factor=0.6)
+    got = merged_tensors(out)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    again = CliRunner().invoke(main, ["merge", "-q", "-c", str(tmp_path / "config.yml"), "--out", str(tmp_path / "c")])
+    assert again.exit_code == 0, again.output
+    assert all(torch.equal(merged_tensors(tmp_path / "c")[n], got[n]) for n in got)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"merge_method": "karcher"}, "mergekit method 'karcher' is not supported yet"),
+    ({"slices": [{"sources": []}]}, "mergekit's slices (layer ranges) is not supported yet"),
+    ({"tokenizer_source": "union"}, "tokenizer_source 'union' is not supported yet"),
+    ({"models": [{"model": "org/hub-model"}]}, "no such local model directory (hub models are not downloaded)"),
+    ({"models": [{"model": "a+lora"}]}, "a LoRA applied to a model is not supported yet"),
+    ({"merge_methd": "linear"}, "unknown mergekit config key 'merge_methd'"),
+])
+def test_what_is_not_supported_is_one_line_naming_it(llamas, tmp_path, change, message):
+    config = {"merge_method": "linear", "models": [{"model": str(llamas["a"]), "parameters": {"weight": 1.0}}],
+              **change}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 2 and message in output and output.strip().count("\n") == 0, output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method,parameters,options", [
+    ("model_stock", {}, {}),
+    ("nearswap", {"t": [0.001, 0.01]}, {"t": [0.001, 0.01]}),
+])
+def test_base_model_methods_equal_blockmerge_with_the_base_taken_out_of_the_models(llamas, tmp_path, method,
+                                                                                    parameters, options):
+    others = [llamas["a"], llamas["b"]] if method == "model_stock" else [llamas["a"]]
+    config = {"merge_method": method, "base_model": str(llamas["base"]), "parameters": parameters,
+              "models": [{"model": str(llamas["base"])}, *({"model": str(m)} for m in others)]}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 0, output
+    expected = blockmerge.merge(method, [str(m) for m in others], base=str(llamas["base"]), **options)
+    got = merged_tensors(out)
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in got)
