@@ -281,7 +281,9 @@ def run_demo(workdir: Path, *, num_models: int = 3, seed: int = 0, progress: boo
     """Build, fine-tune, compute statistics, merge with every registered method (but one reading statistics the
     demo does not compute) at the hyperparameters chosen on validation, and evaluate on test; one row per model.
 
-    Each row: model (name), kind (base | fine-tuned | merge), path, accuracy (test, per task, list), mean, and for
+    A method the demo cannot run (statistics it does not compute, more models than it has) is a row of kind
+    `skipped` with the model (name) and a note saying why. Every other row: model (name), kind (base | fine-tuned
+    | merge), path, accuracy (test, per task, list), mean, and for
     merges (None for the other kinds): fine_tunes (how many were merged: the first N, for a method of at most N
     models), chosen (the hyperparameters chosen on validation, {} when none is
     searched), fixed (the others set), inherited (hyperparameter -> the method whose choice it is), statistics
@@ -324,10 +326,15 @@ def _run(workdir: Path, num_models: int, seed: int, progress: bool, steps: int) 
         rows.append(_row(f"task{t}", "fine-tuned", task_dir, tasks))
 
     methods = plans()
-    for name in [n for n, p in methods.items() if p is None]:
+    counts = {info["name"]: info["model_count"] for info in api.methods()}
+    skipped = {n: "it reads statistics the demo does not compute" for n, p in methods.items() if p is None}
+    skipped.update({n: f"it merges at least {counts[n][0]} models; the demo has {num_models}"
+                    for n in methods if n not in skipped and counts[n][0] > num_models})
+    for name, reason in skipped.items():
         if log:
-            log(f"{name}: skipped (it reads statistics the demo does not compute)")
+            log(f"{name}: skipped ({reason})")
         del methods[name]
+        rows.append({"model": name, "kind": "skipped", "note": reason})
     needed = list(dict.fromkeys(p.stats for p in methods.values() if p.stats))
     base_needed = list(dict.fromkeys(p.base_stats for p in methods.values() if p.base_stats))
     examples = min(STATS_EXAMPLES, steps * BATCH)
@@ -339,9 +346,8 @@ def _run(workdir: Path, num_models: int, seed: int, progress: bool, steps: int) 
     merged = workdir / "merged"
     merged.mkdir(parents=True, exist_ok=True)
     chosen: dict[str, dict[str, Any]] = {}
-    most = {info["name"]: info["model_count"][1] for info in api.methods()}
     for name, plan in methods.items():
-        models = [str(d) for d in task_dirs][:most[name]]  # a method of at most N models merges the first N
+        models = [str(d) for d in task_dirs][:counts[name][1]]  # a method of at most N models merges the first N
         fixed = {**plan.fixed, **{hp: chosen[source][hp] for hp, source in plan.inherit.items()}}
         options = {"base": str(base_dir), "out": merged / name, "format": "hf", "overwrite": True,
                    "stats": stores[plan.stats]["models"][:len(models)] if plan.stats else None,
@@ -419,9 +425,10 @@ def print_table(rows: list[dict[str, Any]], console: Console | None = None) -> N
         table.add_column(f"task{t}", justify="right")
     for col in ("mean", "valid.", "merges", "time (s)"):
         table.add_column(col, justify="right")
-    for i, r in enumerate(rows):
+    shown = [r for r in rows if r["kind"] != "skipped"]
+    for i, r in enumerate(shown):
         merge = r["kind"] == "merge"
-        last_of_kind = i + 1 < len(rows) and rows[i + 1]["kind"] != r["kind"]
+        last_of_kind = i + 1 < len(shown) and shown[i + 1]["kind"] != r["kind"]
         settings = [_text(r["chosen"]) or "-", r["statistics"] or "-"] if merge else [""] * 2
         table.add_row(r["model"], *settings, *(f"{a:.3f}" for a in r["accuracy"]),
                       f"{r['mean']:.3f}", _fmt(r["validation"], ".3f"), _fmt(r["merges"], "d"),
@@ -443,6 +450,9 @@ def _caption(rows: list[dict[str, Any]]) -> str:
                                           for hp, v in r["fixed"].items()) for r in merges if r["fixed"]]
     if fixed:
         lines.append("fixed: " + "; ".join(fixed) + ".")
+    skipped = [f"{r['model']} ({r['note']})" for r in rows if r["kind"] == "skipped"]
+    if skipped:
+        lines.append("skipped: " + "; ".join(skipped) + ".")
     every = max((r["fine_tunes"] for r in merges), default=0)
     fewer = [f"{r['model']} merges task0-task{r['fine_tunes'] - 1} only" for r in merges if r["fine_tunes"] < every]
     if fewer:
