@@ -23,11 +23,12 @@ from safetensors.torch import load_file, save_file
 import blockmerge
 from blockmerge.errors import BlockmergeError
 from blockmerge.gittheta.install import install
+from blockmerge.gittheta.merges import two_way
 from blockmerge.gittheta.parameters import decode, encode, lsh_signature
 from blockmerge.gittheta.repo import Repo
 from blockmerge.gittheta.revision import RevisionCheckpoint, TrackedCheckpoint
 from blockmerge.gittheta.writer import track_safetensors
-from blockmerge.plugins import get, parse_hyperparameters, registry
+from blockmerge.plugins import get, parse_hyperparameters
 
 pytestmark = pytest.mark.needs("git-lfs")
 
@@ -170,7 +171,7 @@ def test_mats_starts_from_a_checkpoint_at_a_revision(family_repo, monkeypatch):
         blockmerge.merge("mats", initialization="nope:model.safetensors", repo=repo, **options)
 
 
-@pytest.mark.parametrize("method", sorted(registry()))
+@pytest.mark.parametrize("method", two_way())
 def test_each_git_theta_plugin_merges_like_blockmerge(repo_copy, monkeypatch, method):
     """git-theta's merge tool calls a plugin per parameter; every parameter equals blockmerge.merge's."""
     from git_theta import metadata
@@ -380,7 +381,7 @@ def test_the_merge_menu_lists_every_registered_method_beside_git_thetas_own(tmp_
     finally:
         monkeypatch.undo()
         plugins.registry.cache_clear()
-    assert {f"blockmerge-{name}" for name in [*registry(), "negated"]} <= set(listed)
+    assert {f"blockmerge-{name}" for name in [*two_way(), "negated"]} <= set(listed)
     assert {"take_us", "take_them", "context"} <= set(listed)  # git-theta's own plugins stay
 
 

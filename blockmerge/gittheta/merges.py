@@ -65,10 +65,17 @@ def _plugin(method: str) -> type:
     })
 
 
-def menu() -> dict[str, type]:
-    """git-theta's merge plugins and a `blockmerge-<method>` plugin for every registered method."""
-    from git_theta.merges.base import all_merge_handlers
-
+def two_way() -> list[str]:
+    """The registered methods that merge two models (ours and theirs)."""
     from ..plugins import registry
 
-    return {**all_merge_handlers(), **{f"blockmerge-{name}": _plugin(name) for name in sorted(registry())}}
+    return [name for name, method in sorted(registry().items())
+            if method.model_count[0] <= 2 and (method.model_count[1] is None or method.model_count[1] >= 2)]
+
+
+def menu() -> dict[str, type]:
+    """git-theta's merge plugins and a `blockmerge-<method>` plugin for every registered method that merges two
+    models."""
+    from git_theta.merges.base import all_merge_handlers
+
+    return {**all_merge_handlers(), **{f"blockmerge-{name}": _plugin(name) for name in two_way()}}
