@@ -454,7 +454,8 @@ def _caption(rows: list[dict[str, Any]]) -> str:
     if skipped:
         lines.append("skipped: " + "; ".join(skipped) + ".")
     every = max((r["fine_tunes"] for r in merges), default=0)
-    fewer = [f"{r['model']} merges task0-task{r['fine_tunes'] - 1} only" for r in merges if r["fine_tunes"] < every]
+    fewer = [f"{r['model']} merges " + ("task0" if r["fine_tunes"] == 1 else f"task0-task{r['fine_tunes'] - 1}")
+             + " only" for r in merges if r["fine_tunes"] < every]
     if fewer:
         lines.append("fine-tunes: " + "; ".join(fewer) + " (it merges at most that many models).")
     read = {kinds for r in merges if r["statistics"] for kinds in r["statistics"].split(" + ")}
