@@ -182,9 +182,21 @@ def _nearswap(cfg: MergekitConfig) -> Translation:
     return Translation("nearswap", _others(cfg), cfg.base, {"t": cfg.parameters["t"]})
 
 
+def _nuslerp(cfg: MergekitConfig) -> Translation:
+    if _scalar(cfg, "nuslerp_row_wise", False):
+        raise BlockmergeError("mergekit config: nuslerp_row_wise is not supported yet")
+    others = [i for i, m in enumerate(cfg.models) if m != cfg.base]
+    if len(others) != 2:
+        raise BlockmergeError(f"mergekit config: nuslerp merges exactly two models beside the base, got {len(others)}")
+    weights = cfg.per_model("weight", required=True)
+    return Translation("nuslerp", [cfg.models[i] for i in others], cfg.base,
+                       {"weights": [weights[i] for i in others], "flatten": bool(_scalar(cfg, "nuslerp_flatten", True)),
+                        "task_vectors": cfg.base is not None})
+
+
 METHODS: dict[str, Callable[[MergekitConfig], Translation]] = {
     "linear": _linear, "slerp": _slerp, "task_arithmetic": _task_arithmetic, "model_stock": _model_stock,
-    "nearswap": _nearswap,
+    "nearswap": _nearswap, "nuslerp": _nuslerp,
 }
 
 
