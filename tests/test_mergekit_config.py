@@ -132,3 +132,15 @@ def test_base_model_methods_equal_blockmerge_with_the_base_taken_out_of_the_mode
     expected = blockmerge.merge(method, [str(m) for m in others], base=str(llamas["base"]), **options)
     got = merged_tensors(out)
     assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in got)
+
+
+def test_nuslerp_with_a_base_interpolates_the_task_vectors(llamas, tmp_path):
+    config = {"merge_method": "nuslerp", "base_model": str(llamas["base"]),
+              "models": [{"model": str(llamas["a"]), "parameters": {"weight": 0.3}},
+                         {"model": str(llamas["b"]), "parameters": {"weight": [0.7, 0.2]}}]}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 0, output
+    expected = blockmerge.merge("nuslerp", [str(llamas["a"]), str(llamas["b"])], base=str(llamas["base"]),
+                                weights=[0.3, [0.7, 0.2]], task_vectors=True)
+    got = merged_tensors(out)
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in got)
