@@ -63,7 +63,7 @@ def read_header(path: Path, fd: int) -> tuple[dict[str, tuple[TensorSpec, int]],
             dtype = from_safetensors_code(info["dtype"])
             shape = tuple(info["shape"])
             begin, end = info["data_offsets"]
-            valid = (all(type(d) is int and d >= 0 for d in shape) and len(shape) <= 64
+            valid = (type(info["shape"]) is list and all(type(d) is int and d >= 0 for d in shape) and len(shape) <= 64
                      and math.prod(max(d, 1) for d in shape) < 2**62
                      and type(begin) is int and type(end) is int and 0 <= begin <= end)
         except (KeyError, TypeError, ValueError):

@@ -488,3 +488,12 @@ def test_a_tensor_named_like_the_safetensors_metadata_key(tmp_path, out):
     except BlockmergeError as err:
         pytest.fail(f"the merge succeeded and wrote an output nothing can read: {err}")
     assert sorted(back) == ["__metadata__", "w"]
+
+
+@pytest.mark.parametrize("shape", ['""', "{}"])
+def test_a_shape_that_is_not_a_list_is_refused_as_safetensors_refuses_it(tmp_path, shape):
+    """Found by the field-replacing fuzzer: `"shape": ""` read as a scalar where safetensors refuses the file."""
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(with_header(f'{{"s": {{"dtype": "F64", "shape": {shape}, "data_offsets": [0, 8]}}}}'.encode(),
+                                 b"\0" * 8))
+    assert check_reader(path) == "refused"
