@@ -202,8 +202,9 @@ def run_study(work: Path, seeds: list[int], settings: Any, *, iterations: list[i
     # First the benchmark's records the merges read (made here if missing, once per seed and method)
     calls = [("start_checkpoint", work, settings, s, m) for s in seeds for m in starts if m != "task_arithmetic"]
     calls += [("_benchmark_merge", work, settings, s, "mats") for s in seeds if "task_arithmetic" in starts]
-    merges = [("study_one", work, settings, s, o, m, n) for n in sorted(iterations, reverse=True) for o in objectives
-              for m in starts for s in seeds]
+    # Seed by seed (an interrupted study leaves whole seeds: rerun with the seeds done to write their tables)
+    merges = [("study_one", work, settings, s, o, m, n) for s in seeds for n in sorted(iterations, reverse=True)
+              for o in objectives for m in starts]
     check = [("self_consistency", work, settings, check_seed)] if check_seed is not None else []
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=run._init_worker,
