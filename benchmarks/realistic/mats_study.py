@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 STARTS = ("task_arithmetic", "ties", "regmean")
 OBJECTIVES = ("blockwise_fisher", "regmean")
 ITERATIONS = (10, 30, 100)
-CHECK_ITERATIONS = 1000  # per tensor; CG stops earlier at rtol
+CHECK_ITERATIONS = 400  # per tensor; CG stops earlier at rtol
 CHECK_RTOL = 1e-13
 STAT_OF = {"blockwise_fisher": "gram", "regmean": "gram", "diagonal_fisher": "fisher"}
 
@@ -193,8 +193,10 @@ def _call(fn_name: str, *args: Any) -> Any:
 
 
 def run_study(work: Path, seeds: list[int], settings: Any, *, iterations: list[int], starts: list[str],
-              objectives: list[str], check_seed: int | None, jobs: int, threads: int, log: Any = print) -> dict:
-    """Every study merge (and the self-consistency check) in ``jobs`` processes of ``threads`` threads."""
+              objectives: list[str], check_seed: int | None, jobs: int, threads: int, log: Any = print,
+              recorded_only: bool = False) -> dict:
+    """Every study merge (and the self-consistency check) in ``jobs`` processes of ``threads`` threads; with
+    ``recorded_only``, none: the results recorded so far (an interrupted study), the others listed as missing."""
     import run
 
     work = Path(work).absolute()
@@ -206,21 +208,31 @@ def run_study(work: Path, seeds: list[int], settings: Any, *, iterations: list[i
     merges = [("study_one", work, settings, s, o, m, n) for s in seeds for n in sorted(iterations, reverse=True)
               for o in objectives for m in starts]
     check = [("self_consistency", work, settings, check_seed)] if check_seed is not None else []
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=run._init_worker,
-                                                initargs=(threads,)) as pool:
-        for phase in (calls, check + merges):
-            futures = {pool.submit(_call, *c): c for c in phase}
-            for future in concurrent.futures.as_completed(futures):
-                future.result()
-                log(f"  {' '.join(str(a) for a in futures[future][3:] if a is not None)} done "
-                    f"({time.perf_counter() - clock:.0f} s)")
+    if recorded_only:
+        results = {s: {} for s in seeds}
+        for s in seeds:
+            for n in iterations:
+                for o in objectives:
+                    for m in starts:
+                        record = work / f"seed{s}" / "study" / f"{o}-{m}-{n}.json"
+                        if record.is_file():
+                            results[s][f"{o}-{m}-{n}"] = json.loads(record.read_text())["result"]
+        record = work / f"seed{check_seed}" / "study" / "self_consistency.json"
+        consistency = json.loads(record.read_text())["result"] if check and record.is_file() else None
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=run._init_worker,
+                                                    initargs=(threads,)) as pool:
+            for phase in (calls, check + merges):
+                futures = {pool.submit(_call, *c): c for c in phase}
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+                    log(f"  {' '.join(str(a) for a in futures[future][3:] if a is not None)} done "
+                        f"({time.perf_counter() - clock:.0f} s)")
         # Results again, from the records (cached: nothing is recomputed).
-        results = {s: {f"{o}-{m}-{n}": study_one(work, settings, s, o, m, n) for n in iterations for o in objectives
-                       for m in starts} for s in seeds}
-    consistency = None
-    if check:
-        consistency = self_consistency(work, settings, check_seed)
+        results = {s: {f"{o}-{m}-{n}": study_one(work, settings, s, o, m, n) for n in iterations
+                       for o in objectives for m in starts} for s in seeds}
+        consistency = self_consistency(work, settings, check_seed) if check else None
     benchmark = {s: {m: _benchmark_merge(work, settings, s, m)[1] for m in ("task_arithmetic", "ties", "regmean",
                                                                           "mats")} for s in seeds}
     individual = {s: {t: _individual(work, settings, s, t) for t in settings.tasks} for s in seeds}
@@ -260,7 +272,11 @@ def rows(raw: dict) -> list[dict]:
     for objective in raw["objectives"]:
         for start in raw["starts"]:
             for n in raw["iterations"]:
-                got = {s: raw["results"][s][f"{objective}-{start}-{n}"] for s in seeds}
+                got = {s: raw["results"][s][f"{objective}-{start}-{n}"] for s in raw["results"]
+                       if f"{objective}-{start}-{n}" in raw["results"][s]}
+                if not got:
+                    continue
+                seeds = list(got)
                 table.append({"objective": objective, "start": start, "iterations": n,
                               "validation": [statistics.fmean(got[s]["validation"].values()) for s in seeds],
                               **averages({s: got[s]["test"] for s in seeds}),
@@ -269,7 +285,7 @@ def rows(raw: dict) -> list[dict]:
                               "cg_mean": [got[s]["cg"]["iterations_mean"] for s in seeds],
                               "cg_max": [got[s]["cg"]["iterations_max"] for s in seeds],
                               "stopped_early": [got[s]["cg"]["stopped_early"] for s in seeds],
-                              "tensors": got[seeds[0]]["cg"]["tensors"]})
+                              "tensors": got[seeds[0]]["cg"]["tensors"], "seeds": seeds})
     return table
 
 
@@ -313,6 +329,12 @@ def markdown(raw: dict, command: str) -> str:
                      f"{_cell(row['test'])} | {_cell(row['normalised'])} | {_cell(row['seconds'], 1)} | "
                      f"{_cell(row['cpu_seconds'], 1)} | {statistics.fmean(row['cg_mean']):.1f}, {max(row['cg_max'])} "
                      f"| {statistics.fmean(row['stopped_early']):.1f} of {row['tensors']} |")
+    missing = [f"{name} (seed {s})" for s in raw["seeds"] for name in
+               (f"{o}-{m}-{n}" for o in raw["objectives"] for m in raw["starts"] for n in raw["iterations"])
+               if name not in raw["results"][s]]
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)}; rerun the command without `--recorded-only`): "
+                  + ", ".join(missing) + "."]
     lines += ["", "The benchmark's chosen merges (realistic.md) for reference:", "",
               "| method | chosen (per seed) | validation | test | normalised | merge s |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -364,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--check-seed", type=int, default=None, help="self-consistency seed (default: the first)")
     parser.add_argument("--no-check", action="store_true", help="skip the self-consistency check")
+    parser.add_argument("--recorded-only", action="store_true",
+                        help="merge nothing: write the tables of the results recorded so far")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     run.settings_arguments(parser)
@@ -374,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = run_study(Path(args.work), args.seeds, run.settings_from(args), iterations=args.iterations,
                         starts=args.starts, objectives=args.objectives, check_seed=check_seed, jobs=args.jobs,
-                        threads=args.threads, log=lambda line: print(line, flush=True))
+                        threads=args.threads, log=lambda line: print(line, flush=True),
+                        recorded_only=args.recorded_only)
     except BlockmergeError as e:
         print(f"mats_study.py: error: {e}", file=sys.stderr)
         return 2
