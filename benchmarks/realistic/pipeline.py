@@ -50,6 +50,9 @@ class Method:
     fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
     stats: str | None = None  # "fisher" or "gram": which statistics store of each model it reads
     zero_base_fisher: bool = False
+    # MaTS: starting points swept besides the grid's; "task_arithmetic" is the grid itself, a method's name its
+    # chosen merge (see chosen_merge), passed as initialization=PATH with the grid's other values
+    starts: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +73,8 @@ class Settings:
     scaling: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     regmean_alpha: tuple[float, ...] = (0.5, 0.7, 0.9)
     mats_init: tuple[float, ...] = (0.3, 0.6, 0.9)
-    mats_iterations: int = 10
+    mats_iterations: tuple[int, ...] = (10,)
+    mats_start: tuple[str, ...] = ("task_arithmetic",)
     ubgm_scaling: tuple[float, ...] = (0.25, 0.5)
     ubgm_delta0: tuple[float, ...] = (1e-12, 1e-5)
 
@@ -83,8 +87,9 @@ class Settings:
             "ties": Method({"scaling_factor": list(self.scaling)}, {"density": 0.2}),
             "fisher": Method({"normalize_fishers": [False, True]}, stats="fisher"),
             "regmean": Method({"alpha": list(self.regmean_alpha)}, stats="gram"),
-            "mats": Method({"init_scaling_factor": list(self.mats_init)},
-                           {"objective": "blockwise_fisher", "num_iterations": self.mats_iterations}, stats="gram"),
+            "mats": Method({"init_scaling_factor": list(self.mats_init), "num_iterations": list(self.mats_iterations)},
+                           {"objective": "blockwise_fisher"}, stats="gram",
+                           starts=() if self.mats_start == ("task_arithmetic",) else self.mats_start),
             "ubgm": Method({"scaling_factor": list(self.ubgm_scaling), "delta0": list(self.ubgm_delta0)},
                            stats="fisher", zero_base_fisher=True),
         }
@@ -242,22 +247,37 @@ def merge_method(work: Path, settings: Settings, seed: int, name: str) -> dict:
     stats = [str(root / "stats" / f"{task}.{method.stats}") for task in settings.tasks] if method.stats else None
     options = {"base": str(base_encoder(work)), "stats": stats,
                "base_stats": str(zero_base_fisher(work)) if method.zero_base_fisher else None}
+    starts = {start: chosen_merge(work, settings, seed, start) for start in method.starts
+              if start != "task_arithmetic"}
     key = {"models": [model_key(settings, seed, t) for t in settings.tasks],
            "stats": [stats_key(settings, seed, t, method.stats) for t in settings.tasks] if method.stats else None,
-           "method": name, **dataclasses.asdict(method)}
+           "method": name, **{k: v for k, v in dataclasses.asdict(method).items() if k != "starts" or v}}
+    if starts:
+        key["start_merges"] = {start: made["key"] for start, made in starts.items()}
 
     def produce() -> dict:
         tasks = [Task.from_file(root / "tasks" / f"{task}.yaml") for task in settings.tasks]
         chosen, candidates, cpu = {}, [], time.process_time()
-        if method.grid:
-            result = sweep(name, models, tasks, method.grid, report_split=None, workdir=root / "merges",
-                           **options, **method.fixed)
-            chosen = result["best"]["hyperparameters"]
-            candidates = [{"hyperparameters": c["hyperparameters"], "validation": c["score"]}
-                          for c in result["candidates"]]
+        for start in method.starts or (None,):
+            grid, fixed = method.grid, dict(method.fixed)
+            if start in starts:  # a checkpoint start: the grid without task arithmetic's scale
+                grid = {k: v for k, v in grid.items() if k != "init_scaling_factor"}
+                fixed["initialization"] = starts[start]["path"]
+            if not grid:
+                continue
+            result = sweep(name, models, tasks, grid, report_split=None, workdir=root / "merges", **options, **fixed)
+            shown = {"initialization": start} if start in starts else {}
+            candidates += [{"hyperparameters": {**shown, **c["hyperparameters"]}, "validation": c["score"]}
+                           for c in result["candidates"]]
+        if candidates:
+            chosen = max(candidates, key=lambda c: c["validation"])["hyperparameters"]  # the first of equals
         sweep_cpu = time.process_time() - cpu
         out = root / "merges" / f"{name}.safetensors"
-        measured = merge_in_child(name, models, out, {**options, **method.fixed, **chosen})
+        values = {**method.fixed, **chosen}
+        if chosen.get("initialization") in starts:
+            values["initialization"] = starts[chosen["initialization"]]["path"]
+            values.pop("init_scaling_factor", None)
+        measured = merge_in_child(name, models, out, {**options, **values})
         cpu = time.process_time()
         report = evaluate(out, tasks, split="test")
         out.unlink()
@@ -266,6 +286,33 @@ def merge_method(work: Path, settings: Settings, seed: int, name: str) -> dict:
                 "sweep_cpu_seconds": round(sweep_cpu, 1), "test_cpu_seconds": round(time.process_time() - cpu, 1)}
 
     return cached(root / "merges" / f"{name}.json", key, produce)
+
+
+def chosen_merge(work: Path, settings: Settings, seed: int, name: str) -> dict:
+    """The merge ``name``'s sweep chose on ``seed`` (its record reused or made), written again to
+    ``merges/chosen-<name>.safetensors``: a starting point for MaTS. Returns its path, hyperparameters and key."""
+    import blockmerge
+
+    root = seed_dir(work, seed)
+    result = merge_method(work, settings, seed, name)
+    benchmark_key = json.loads((root / "merges" / f"{name}.json").read_text())["key"]
+    method = settings.methods()[name]
+    out = root / "merges" / f"chosen-{name}.safetensors"
+    values = {**method.fixed, **result["hyperparameters"]}
+    key = {"merge": benchmark_key, "hyperparameters": values}
+
+    def produce() -> dict:
+        models = [str(root / "encoders" / f"{task}.safetensors") for task in settings.tasks]
+        stats = [str(root / "stats" / f"{task}.{method.stats}") for task in settings.tasks] if method.stats else None
+        blockmerge.merge(name, models, base=str(base_encoder(work)), stats=stats,
+                         base_stats=str(zero_base_fisher(work)) if method.zero_base_fisher else None, out=out,
+                         overwrite=True, **values)
+        return {"path": str(out), "hyperparameters": values}
+
+    record = root / "merges" / f"chosen-{name}.json"
+    if not out.is_file() and record.is_file():
+        record.unlink()
+    return {**cached(record, key, produce), "key": key}
 
 
 def merge_in_child(method: str, models: list[str], out: Path, options: dict) -> dict:

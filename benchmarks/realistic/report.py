@@ -55,6 +55,11 @@ def rows(raw: dict) -> list[dict[str, Any]]:
     return table
 
 
+def _listed(value: Any) -> str:
+    """A setting that is one value or a list of them (older results hold one)."""
+    return " / ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _cell(values: list[float], digits: int = 3) -> str:
     mean, std = _mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -110,7 +115,8 @@ def markdown(raw: dict, table: list[dict], command: str) -> str:
              f"{settings['test']} test examples per task (fewer where a class runs out), {settings['max_length']} "
              f"tokens; fine-tuning {settings['steps']} steps of {settings['batch_size']} (lr {settings['lr']:g}); "
              f"statistics over {settings['stat_examples']} training examples per task; MaTS "
-             f"{settings['mats_iterations']} CG iterations")
+             f"{_listed(settings['mats_iterations'])} CG iterations from "
+             f"{_listed(settings.get('mats_start', ['task_arithmetic']))}")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timing["stages_wall_seconds"].items())
     out = [
         "# Realistic merging benchmark (MiniLM, four text-classification tasks)", "",

@@ -119,8 +119,14 @@ def run(work: str | os.PathLike, seeds: list[int], settings: Any, *, jobs: int =
                            [(work, settings, s, t, k) for s in seeds for k in STATISTICS for t in settings.tasks], log)
         stages["statistics"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        order = sorted(settings.methods(), key=lambda m: -_cost(settings.methods()[m]))
-        merges = runner.map("merge", "merge_method", [(work, settings, s, m) for m in order for s in seeds], log)
+        methods = settings.methods()
+        order = sorted(methods, key=lambda m: (bool(methods[m].starts), -_cost(methods[m])))
+        # A method that starts from other methods' chosen merges (MaTS, see Method.starts) runs after them
+        first = [m for m in order if not methods[m].starts]
+        merges = runner.map("merge", "merge_method", [(work, settings, s, m) for m in first for s in seeds], log)
+        if len(first) < len(order):
+            merges += runner.map("merge", "merge_method",
+                                 [(work, settings, s, m) for m in order[len(first):] for s in seeds], log)
         stages["merge"] = time.perf_counter() - clock
     finally:
         runner.close()
@@ -179,20 +185,11 @@ def _commit() -> str | None:
     return head + ("+changes" if dirty else "")
 
 
-def main(argv: list[str] | None = None) -> int:
+def settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per field of pipeline.Settings (``--tasks``, ``--train``, ``--mats-init`` …), its default."""
     import pipeline
-    import report
-
-    from blockmerge.errors import BlockmergeError
 
     defaults = pipeline.Settings()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--work", default="/tmp/blockmerge-realistic", help="where data, models, statistics go")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "realistic"),
-                        help="path prefix of the .md, .json and .png written")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--tasks", nargs="+", default=list(defaults.tasks), choices=defaults.tasks)
     for field in dataclasses.fields(defaults):
         value = getattr(defaults, field.name)
@@ -201,11 +198,33 @@ def main(argv: list[str] | None = None) -> int:
         many = isinstance(value, tuple)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(value[0] if many else value),
                             nargs="+" if many else None, default=value, help=f"default: {value}")
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    """The pipeline.Settings of options added by :func:`settings_arguments`."""
+    import pipeline
+
+    return pipeline.Settings(**{f.name: tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
+                                else getattr(args, f.name) for f in dataclasses.fields(pipeline.Settings)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import report
+
+    from blockmerge.errors import BlockmergeError
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", default="/tmp/blockmerge-realistic", help="where data, models, statistics go")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "realistic"),
+                        help="path prefix of the .md, .json and .png written")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    settings_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = pipeline.Settings(**{f.name: tuple(getattr(args, f.name)) if isinstance(f.default, tuple)
-                                    else getattr(args, f.name) for f in dataclasses.fields(defaults)})
+    settings = settings_from(args)
     try:
         raw = run(args.work, args.seeds, settings, jobs=args.jobs, threads=args.threads,
                   log=lambda line: print(line, flush=True))
