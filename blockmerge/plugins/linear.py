@@ -19,6 +19,7 @@ import torch
 from ..errors import BlockmergeError
 from .base import Block, Method, docstring_summary
 from .hyperparameters import PerModel, Scheduled
+from .ops import weighted_sum
 
 
 @dataclass(frozen=True)
@@ -27,23 +28,12 @@ class Linear:
     normalize: bool = True
 
 
-def weighted_sum(models: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
-    """Σ_t w_t θ_t, divided by Σ_t w_t where `normalize`."""
-    total = sum(weights) if normalize else 1.0
-    if total == 0.0:
-        raise ValueError("the weights sum to 0 and normalize is set")
-    out = models[0] * (weights[0] / total)
-    for w, m in zip(weights[1:], models[1:]):
-        out.add_(m, alpha=w / total)
-    return out
-
-
 def _merge(block: Block, hp: Linear, state: Mapping[str, Any]) -> torch.Tensor:
     weights = list(hp.weights) if hp.weights is not None else [1.0] * len(block.models)
-    try:
-        return weighted_sum(block.models, weights, hp.normalize)
-    except ValueError as err:
-        raise BlockmergeError(f"linear: {err}", param=block.name) from None
+    divisor = sum(weights) if hp.normalize else 1.0
+    if divisor == 0.0:
+        raise BlockmergeError("linear: the weights sum to 0 and normalize is set", param=block.name)
+    return weighted_sum(block.models, weights, divisor)
 
 
 METHOD = Method(name="linear", description=docstring_summary(__doc__), hyperparameters=Linear, merge=_merge)

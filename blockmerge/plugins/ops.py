@@ -36,10 +36,14 @@ def average(models: list[torch.Tensor], weights: list[float] | None = None) -> t
     """The weighted mean of same-shaped tensors; uniform weights when none are given."""
     if weights is None:
         weights = [1.0] * len(models)
-    total = sum(weights)
-    out = models[0] * (weights[0] / total)
+    return weighted_sum(models, weights, sum(weights))
+
+
+def weighted_sum(models: list[torch.Tensor], weights: list[float], divisor: float = 1.0) -> torch.Tensor:
+    """Σ_t (w_t / divisor) θ_t, in a new tensor."""
+    out = models[0] * (weights[0] / divisor)
     for w, m in zip(weights[1:], models[1:]):
-        out.add_(m, alpha=w / total)
+        out.add_(m, alpha=w / divisor)
     return out
 
 
