@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from . import api
 from .errors import BlockmergeError
 from .plugins import Method, describe, registry
-from .plugins.hyperparameters import PER_MODEL, SCHEDULED, build
+from .plugins.hyperparameters import PER_MODEL, SCHEDULED, build, marks
 
 # Layer-numbered names, a vector, a scalar and a non-float buffer; a matrix wider than one CPU slice
 # (2^18 elements), so slices, blocks and tasks all cut it.
@@ -213,17 +213,13 @@ def _wrong_values(tp: Any, models: int) -> list[Any]:
     if origin in (typing.Union, types.UnionType):
         choices = [a for a in args if a is not type(None)]
         wrong = [w for arg in choices for w in _wrong_values(arg, models)]
-        per_model = [[1.0] * (models + 1)] if any(PER_MODEL in _marks(a) for a in choices) else []
+        per_model = [[1.0] * (models + 1)] if any(PER_MODEL in marks(a) for a in choices) else []
         return per_model + [w for w in wrong if w not in per_model and not any(_accepts(a, w) for a in choices)]
     if origin is Literal:
         return ["no-such-choice"]
     if origin is tuple:
         return [["not a number"]] if args and args[0] in (float, int) else []
     return {float: ["not a number", "inf"], int: [1.5, "x"], bool: ["maybe"], str: [3]}.get(tp, [])
-
-
-def _marks(tp: Any) -> tuple[Any, ...]:
-    return tp.__metadata__ if typing.get_origin(tp) is typing.Annotated else ()
 
 
 def _accepts(tp: Any, value: Any) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -186,11 +187,10 @@ def store_sink(path: Path, specs: dict[str, TensorSpec], *, codec: str, shard_by
     return StoreSink(path, specs, codec, files, create=create, kind=kind)
 
 
-def safetensors_sink(path: Path, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int, files: list[Path],
-                     create: bool, kind: str, provenance_bytes: int) -> Sink:
-    """One `.safetensors` file, or shards of at most `shard_bytes` and their index in a directory."""
-    return SafetensorsSink(path, specs, shard_bytes, [], create=create, single=path.name.endswith(".safetensors"),
-                           reserve=metadata_reserve(provenance_bytes))
+def safetensors_sink(path: Path, specs: dict[str, TensorSpec], *, files: list[Path], **options: Any) -> Sink:
+    """One `.safetensors` file, or shards of at most `shard_bytes` and their index in a directory (no other
+    files)."""
+    return hf_sink(path, specs, files=[], **options)
 
 
 def hf_sink(path: Path, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int, files: list[Path],

@@ -166,7 +166,7 @@ def _flat(value: Any) -> Iterator[Any]:
 def checkpoint_fields(cls: type) -> set[str]:
     """The fields of a hyperparameter dataclass that may name a checkpoint."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    return {f.name for f in dataclasses.fields(cls) if CHECKPOINT in _marks(hints[f.name])}
+    return {f.name for f in dataclasses.fields(cls) if CHECKPOINT in marks(hints[f.name])}
 
 
 def check_model_count(hyperparameters: Any, num_models: int) -> None:
@@ -174,16 +174,16 @@ def check_model_count(hyperparameters: Any, num_models: int) -> None:
     hints = typing.get_type_hints(type(hyperparameters), include_extras=True)
     for f in dataclasses.fields(hyperparameters):
         value = getattr(hyperparameters, f.name)
-        if value is not None and PER_MODEL in _marks(hints[f.name]) and len(value) != num_models:
+        if value is not None and PER_MODEL in marks(hints[f.name]) and len(value) != num_models:
             raise ValueError(f"{f.name} has {len(value)} entries for {num_models} models")
 
 
-def _marks(tp: Any) -> tuple[Any, ...]:
+def marks(tp: Any) -> tuple[Any, ...]:
     """The markers of an Annotated type, also inside `X | None`."""
     if typing.get_origin(tp) is Annotated:
         return tp.__metadata__
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return tuple(m for arg in typing.get_args(tp) for m in _marks(arg))
+        return tuple(m for arg in typing.get_args(tp) for m in marks(arg))
     return ()
 
 
