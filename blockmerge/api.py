@@ -13,7 +13,7 @@ from .engine.output import source_paths
 from .engine.plan import DEFAULT_BLOCK_BYTES
 from .engine.run import execute
 from .engine.sinks import DEFAULT_SHARD_BYTES, infer_format, parse_size
-from .engine.sources import Checkpoint, StoreCheckpoint, open_checkpoint, open_statistics
+from .engine.sources import Checkpoint, StoreCheckpoint, is_tokenizer_file, open_checkpoint, open_statistics
 from .errors import BlockmergeError
 from .plugins import Common, describe, get, parse_hyperparameters, registry
 from .plugins.hyperparameters import IN_MEMORY, checkpoint_fields
@@ -26,8 +26,8 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
           format: str | None = None, block_size: int | str = DEFAULT_BLOCK_BYTES, device: str = "cpu",
           dtype: str | None = None, compute_dtype: str = "float32", resume: bool = False, overwrite: bool = False,
           codec: str = "none", max_shard_size: int | str = DEFAULT_SHARD_BYTES, progress: bool = False,
-          executor: str = "local", scheduler: str | None = None,
-          repo: str | os.PathLike | None = None, **hyperparameters: Any) -> dict[str, torch.Tensor] | Summary:
+          executor: str = "local", scheduler: str | None = None, repo: str | os.PathLike | None = None,
+          copy_tokenizer: bool = True, **hyperparameters: Any) -> dict[str, torch.Tensor] | Summary:
     """Merge fine-tuned checkpoints with a registered method, one parameter block at a time.
 
     models, base: paths (safetensors, shard index, .bin/.pt, Hugging Face directory, blockmerge
@@ -38,7 +38,8 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     safetensors | hf) and returns the Summary. Hyperparameters use the canonical names of docs/methods.md §16.
     executor: `local`, or `dask` to run the blocks as tasks on the Dask cluster at `scheduler` (default
     $BLOCKMERGE_DASK_SCHEDULER, else a LocalCluster of this machine); inputs and `out` must then be
-    paths every worker sees.
+    paths every worker sees. copy_tokenizer: an `hf` output gets the base's (else the first model's) tokenizer
+    files beside its config and other files.
     """
     if executor not in ("local", "dask"):
         raise BlockmergeError(f"unknown executor {executor!r} (local or dask)")
@@ -63,7 +64,7 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     )
     layout = check(job)
     out_format = infer_format(out, format) if out is not None else "store"
-    files = (job.base or job.models[0]).files
+    files = [f for f in (job.base or job.models[0]).files if copy_tokenizer or not is_tokenizer_file(f)]
     options = dict(out_format=out_format, codec=codec, shard_bytes=parse_size(max_shard_size, "max_shard_size"),
                    resume=resume, overwrite=overwrite, files=files,
                    inputs=source_paths(models, base, stats, base_stats, [hyperparameters[n] for n in job.inputs]))

@@ -88,6 +88,9 @@ PLANS: dict[str, Plan] = {
     "task_arithmetic": Plan(grid={"scaling_factor": SCALES}),
     "ties": Plan(grid={"density": (0.2, 0.5, 0.8), "scaling_factor": (0.7, 1.0)}),
     "dare": Plan(grid={"drop_rate": (0.1, 0.3, 0.5, 0.7, 0.9)}, inherit={"scaling_factor": "task_arithmetic"}),
+    "breadcrumbs": Plan(grid={"density": (0.5, 0.8, 0.95), "gamma": (0.0, 0.01)},
+                        inherit={"scaling_factor": "task_arithmetic"}),
+    "della": Plan(grid={"density": (0.3, 0.5, 0.8), "scaling_factor": (0.7, 1.0)}),
     "fisher": Plan(weights=True, stats="fisher"),
     "regmean": Plan(grid={"alpha": (0.01, 0.1, 0.5, 0.9)}, stats="gram"),
     "mats": Plan(grid={"alpha": (0.1, 0.5, 0.9)}, fixed={"objective": "blockwise_fisher"}, stats="kfac"),
@@ -388,6 +391,8 @@ def _run(workdir: Path, num_models: int, seed: int, progress: bool, steps: int) 
 
 
 def _value(value: Any, digits: int = 3) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 1:  # one per-model value for every model
+        return _value(value[0], digits)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_value(v, 2) for v in value) + "]"
     if not isinstance(value, float):

@@ -35,15 +35,34 @@ class MergekitConfig:
     dtype: str | None = None
 
     def per_model(self, name: str, default: Any = None, required: bool = False) -> list[Any]:
-        """Each model's value of a per-model parameter: its own, else the global one, else `default`."""
+        """Each model's value of a per-model parameter: its own, else the global one, else `default`; a list of
+        filter rules that matches no tensor falls through to the next of them, as in mergekit."""
         values = []
         for model, own in zip(self.models, self.model_parameters):
-            value = own.get(name, self.parameters.get(name, default))
-            if value is None and required and model != self.base:
+            levels = [v for v in (own.get(name), self.parameters.get(name), default) if v is not None]
+            if not levels and required and model != self.base:
                 raise BlockmergeError(f"mergekit config: model {model} has no {name!r} (required by "
                                       f"{self.method})")
-            values.append(value)
+            values.append(_fall_through(levels) if levels else None)
         return values
+
+
+def _rules(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return value
+    return [{"value": value}]
+
+
+def _fall_through(levels: list[Any]) -> Any:
+    """One value for settings looked up in order: the first, or where it is a list of filter rules, its rules
+    followed by the next levels' (a rule with no filter ends the lookup)."""
+    first = levels[0]
+    if len(levels) == 1 or not (isinstance(first, dict) or (isinstance(first, list) and first
+                                                              and all(isinstance(v, dict) for v in first))):
+        return first
+    return [*_rules(first), *_rules(_fall_through(levels[1:]))]
 
 
 def _model_path(ref: Any, where: Path) -> str:
@@ -153,15 +172,69 @@ def _slerp(cfg: MergekitConfig) -> Translation:
     return Translation("slerp", [cfg.base, others[0]], None, {"t": cfg.parameters["t"]})
 
 
-def _task_arithmetic(cfg: MergekitConfig) -> Translation:
-    _others(cfg)
+def _complement(value: Any) -> Any:
+    """1 − a setting (a number, a gradient or filter rules), for mergekit's density as blockmerge's drop rate."""
+    if isinstance(value, dict):
+        return {**value, "value": _complement(value["value"])}
+    if isinstance(value, list):
+        return [_complement(v) for v in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BlockmergeError(f"mergekit config: density {value!r} is not a number")
+    return 1.0 - value
+
+
+@dataclass(frozen=True)
+class TaskVectorFamily:
+    """A method of mergekit's generalized task arithmetic: blockmerge's method, its consensus, and mergekit's
+    defaults of normalize and rescale."""
+
+    method: str
+    consensus: str
+    normalize: bool
+    rescale: bool
+
+
+GTA = {"task_arithmetic": TaskVectorFamily("task_arithmetic", "none", False, False),
+       "ties": TaskVectorFamily("ties", "sign", True, False),
+       "dare_ties": TaskVectorFamily("dare", "sign", False, True),
+       "dare_linear": TaskVectorFamily("dare", "none", False, True),
+       "breadcrumbs": TaskVectorFamily("breadcrumbs", "none", False, False),
+       "breadcrumbs_ties": TaskVectorFamily("breadcrumbs", "sign", False, False),
+       "della": TaskVectorFamily("della", "sign", True, True),
+       "della_linear": TaskVectorFamily("della", "none", False, True)}
+
+
+def _task_vectors(cfg: MergekitConfig) -> Translation:
+    """mergekit's generalized task arithmetic: per-model weights and densities, its sparsifiers' counts, its sign
+    rule (+ where the weighted sum is 0), its L1 rescale and normalisation."""
+    family = GTA[cfg.method]
     others = [i for i, m in enumerate(cfg.models) if m != cfg.base]
-    weights = cfg.per_model("weight", required=True)
-    if any(weights[i] != 1 for i in others) or _scalar(cfg, "normalize", False):
-        raise BlockmergeError("mergekit config: task_arithmetic with weights other than 1 or normalize is not "
-                              "supported yet")
-    return Translation("task_arithmetic", [cfg.models[i] for i in others], cfg.base,
-                       {"scaling_factor": float(_scalar(cfg, "lambda", 1.0))})
+    if cfg.base is None:
+        raise BlockmergeError(f"mergekit config: {cfg.method} needs base_model")
+
+    def pick(values: list[Any]) -> list[Any]:
+        return [values[i] for i in others]
+
+    rescale = bool(_scalar(cfg, "rescale", family.rescale))
+    hp: dict[str, Any] = {"weights": pick(cfg.per_model("weight", required=True)),
+                          "normalize": bool(_scalar(cfg, "normalize", family.normalize)),
+                          "scaling_factor": cfg.parameters.get("lambda", 1.0)}
+    density = pick(cfg.per_model("density", 1.0))
+    if family.method == "task_arithmetic" or family.method == "ties":
+        if rescale:
+            raise BlockmergeError(f"mergekit config: rescale with {cfg.method} is not supported yet")
+        if family.method == "ties":
+            hp.update(density=density, trim="block", exact_count=True, majority_sign="plus")
+    elif family.method == "dare":
+        hp.update(drop_rate=[_complement(d) for d in density], consensus=family.consensus,
+                  rescale="l1" if rescale else False)
+    elif family.method == "breadcrumbs":
+        hp.update(density=density, gamma=pick(cfg.per_model("gamma", 0.01)), consensus=family.consensus,
+                  rescale="l1" if rescale else False)
+    else:
+        hp.update(density=density, epsilon=pick(cfg.per_model("epsilon", 0.15)), consensus=family.consensus,
+                  rescale="l1" if rescale else False)
+    return Translation(family.method, [cfg.models[i] for i in others], cfg.base, hp)
 
 
 def _others(cfg: MergekitConfig) -> list[str]:
@@ -195,8 +268,8 @@ def _nuslerp(cfg: MergekitConfig) -> Translation:
 
 
 METHODS: dict[str, Callable[[MergekitConfig], Translation]] = {
-    "linear": _linear, "slerp": _slerp, "task_arithmetic": _task_arithmetic, "model_stock": _model_stock,
-    "nearswap": _nearswap, "nuslerp": _nuslerp,
+    "linear": _linear, "slerp": _slerp, "model_stock": _model_stock, "nearswap": _nearswap, "nuslerp": _nuslerp,
+    **{name: _task_vectors for name in GTA},
 }
 
 
@@ -205,9 +278,6 @@ def merge(config: str | os.PathLike, out: str | os.PathLike, *, device: str = "c
     """Merge as the mergekit configuration at `config` says, into the Hugging Face directory `out`."""
     cfg = read(config)
     translation = METHODS[cfg.method](cfg)
-    if not copy_tokenizer:
-        raise BlockmergeError("--no-copy-tokenizer is not supported yet: the output directory gets the base "
-                              "model's (or the first model's) files")
     return api.merge(translation.method, translation.models, base=translation.base, out=out, format="hf",
                      dtype=cfg.dtype, device=device, max_shard_size=max_shard_size, overwrite=overwrite,
-                     progress=progress, **translation.hyperparameters)
+                     progress=progress, copy_tokenizer=copy_tokenizer, **translation.hyperparameters)

@@ -75,6 +75,28 @@ def family(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
+def llamas(tmp_path_factory) -> dict[str, Path]:
+    """A base Llama (2 layers) saved by transformers and two fine-tunes of it (noise), as Hugging Face directories."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llamas")
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    base = load_file(root / "base" / "model.safetensors")
+    dirs = {"base": root / "base"}
+    for name, seed in (("a", 1), ("b", 2)):
+        g = torch.Generator().manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(root / name)
+        save_file({n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()},
+                  root / name / "model.safetensors", metadata={"format": "pt"})
+        dirs[name] = root / name
+    return dirs
+
+
+@pytest.fixture(scope="module")
 def cluster():
     """A two-process Dask LocalCluster (one single-threaded worker each) and a client of it."""
     import logging

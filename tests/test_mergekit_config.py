@@ -10,31 +10,10 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import blockmerge
 from blockmerge.cli import main
-
-
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory) -> dict[str, Path]:
-    """A base Llama (2 layers) saved by transformers and two fine-tunes of it (noise), as Hugging Face directories."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("llamas")
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=32, max_position_embeddings=16)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    base = load_file(root / "base" / "model.safetensors")
-    dirs = {"base": root / "base"}
-    for name, seed in (("a", 1), ("b", 2)):
-        g = torch.Generator().manual_seed(seed)
-        LlamaForCausalLM(config).save_pretrained(root / name)
-        save_file({n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()},
-                  root / name / "model.safetensors", metadata={"format": "pt"})
-        dirs[name] = root / name
-    return dirs
 
 
 def run_config(tmp_path: Path, config: dict, *extra: str) -> tuple[int, str, Path]:
@@ -144,3 +123,19 @@ def test_nuslerp_with_a_base_interpolates_the_task_vectors(llamas, tmp_path):
                                 weights=[0.3, [0.7, 0.2]], task_vectors=True)
     got = merged_tensors(out)
     assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in got)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_copy_tokenizer_flag_decides_whether_the_tokenizer_files_come_along(llamas, tmp_path, copy):
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in llamas["base"].iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    (base / "tokenizer.json").write_text('{"version": "1.0"}')
+    (base / "tokenizer_config.json").write_text("{}")
+    config = {"merge_method": "task_arithmetic", "base_model": str(base),
+              "models": [{"model": str(llamas["a"]), "parameters": {"weight": 1.0}}]}
+    code, output, out = run_config(tmp_path, config, "--copy-tokenizer" if copy else "--no-copy-tokenizer")
+    assert code == 0, output
+    assert (out / "config.json").is_file()
+    assert (out / "tokenizer.json").is_file() == copy and (out / "tokenizer_config.json").is_file() == copy

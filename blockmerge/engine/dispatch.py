@@ -69,10 +69,16 @@ def compute_block(engine: Engine, raw: RawBlock, state: dict, out: torch.Tensor)
     return out
 
 
+def merged_whole(method: Method, shape: tuple[int, ...]) -> bool:
+    """Whether the method merges a tensor of this shape in one block: every tensor for `tensor` granularity, and a
+    tensor of at most one dimension (one row) for `rows`."""
+    return method.granularity == "tensor" or (method.granularity == "rows" and len(shape) <= 1)
+
+
 def slice_rows(engine: Engine, name: str, method: Method) -> int | None:
     """Rows of each slice `map_slices` cuts a block of the tensor into; None: blocks are not cut."""
     spec = engine.layout.specs[name]
-    if method.granularity != "tensor" and engine.device.type == "cpu" and spec.shape and spec.nbytes:
+    if not merged_whole(method, spec.shape) and engine.device.type == "cpu" and spec.shape and spec.nbytes:
         return max(1, SLICE_ELEMENTS // max(1, spec.row_numel))
     return None
 

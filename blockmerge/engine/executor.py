@@ -64,7 +64,8 @@ def run_passes(engine: Engine, refs: list[BlockRef], map_blocks: MapBlocks, outp
     for i, p in enumerate(passes):
         engine.reader.crc_reads = output is not None and i == 0
         started, acc = time.perf_counter(), None
-        for block, partial in map_blocks(engine, merge_refs, i, state, f"pass {i + 1}/{len(passes)}"):
+        read = merge_refs if i == 0 or p.wants is None else [r for r in merge_refs if p.wants(r.name, state)]
+        for block, partial in map_blocks(engine, read, i, state, f"pass {i + 1}/{len(passes)}"):
             acc = p.fold(acc, partial, block)
             faults.point("pass")
         state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, types.MappingProxyType(state)))

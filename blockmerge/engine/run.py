@@ -16,6 +16,7 @@ import torch
 from ..errors import BlockmergeError
 from . import memory
 from .context import Engine
+from .dispatch import merged_whole
 from .executor import Executor, LocalExecutor, run_passes, say_changed
 from .job import Job, Layout, Summary
 from .output import Output, os_error
@@ -41,8 +42,8 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     summary = engine.summary
     align = {n: chunk_rows(s) if out_format == "store" else 1 for n, s in layout.out_specs.items()}
     row_bytes = {name: engine.reader.input_row_bytes(name) for name in layout.specs}
-    whole = {n for n, a in layout.actions.items() if a == "merge"} if job.method.granularity == "tensor" else set()
-    for name in sorted(whole):
+    whole = {n for n, a in layout.actions.items() if a == "merge" and merged_whole(job.method, layout.specs[n].shape)}
+    for name in sorted(whole if job.method.granularity == "tensor" else ()):  # a row is the least block of the others
         need = row_bytes[name] * layout.specs[name].rows
         if need > job.block_bytes:
             raise BlockmergeError(f"{job.method.name} merges whole tensors, and this one's inputs take {need} bytes, "

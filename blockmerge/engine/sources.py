@@ -346,6 +346,15 @@ def _open_path(path: Path, kind: str) -> Checkpoint:
                           "a Hugging Face directory or a blockmerge store)", path=path)
 
 
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece",
+                           "sentencepiece", "chat_template")
+
+
+def is_tokenizer_file(path: Path) -> bool:
+    """Whether a file of a Hugging Face directory belongs to its tokenizer."""
+    return path.name.startswith(TOKENIZER_FILE_PREFIXES) or path.suffix == ".tiktoken"
+
+
 def _is_weight_file(p: Path) -> bool:
     return p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
 

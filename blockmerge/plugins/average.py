@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .base import Block, Method, docstring_summary
-from .hyperparameters import PerModel
+from .hyperparameters import PerModel, each_model
 from .ops import average
 
 
@@ -26,7 +26,7 @@ class Average:
 
 
 def _merge(block: Block, hp: Average, state: Mapping[str, Any]) -> torch.Tensor:
-    return average(block.models, list(hp.weights) if hp.weights else None)
+    return average(block.models, each_model(hp.weights, len(block.models), 1.0))
 
 
 METHOD = Method(name="average", description=docstring_summary(__doc__), hyperparameters=Average,

@@ -56,11 +56,13 @@ class Pass:
     them in plan order (the first call gets None); `finish` turns the total into entries of the
     state that later passes and the merge read. `map` may run in another process (the Dask executor):
     its partial must be small and picklable, and `fold` may read only the block's name, rows and shape.
+    `wants(tensor name, state)` says whether a pass after the first reads that tensor (default: every tensor).
     """
 
     map: Callable[[Block, Any, dict], Any]
     fold: Callable[[Any, Any, Block], Any]
     finish: Callable[[Any, Any, dict], dict]
+    wants: Callable[[str, Mapping[str, Any]], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ class Method:
     `granularity` says what one output element depends on:
     - `elementwise`: the same element of every input (and the state): blocks are cut anywhere, and on the
       CPU slices of a block are merged on several threads at once;
-    - `rows`: the same row of every input and whole statistics (Gram matrices): row blocks, one thread;
+    - `rows`: the same row of every input and whole statistics (Gram matrices): row blocks, one thread; a
+      tensor of at most one dimension is one row, merged in one block;
     - `tensor`: the whole tensor: one block per tensor, refused before any read where a tensor's inputs
       exceed the block budget. A tensor-wide quantity (a norm, a dot product, a threshold) of an
       otherwise elementwise formula belongs in a reduction pass (`tensor_pass`): the method stays

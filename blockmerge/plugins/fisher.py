@@ -25,7 +25,7 @@ import torch
 
 from ..errors import BlockmergeError
 from .base import Block, Method, Needs, Pass, docstring_summary
-from .hyperparameters import PerModel
+from .hyperparameters import PerModel, each_model
 from .ops import row_sums
 
 ZeroFisher = Literal["floor", "favor_target", "zero"]
@@ -98,7 +98,7 @@ def _passes(hp: Fisher, kinds: frozenset[str]) -> list[Pass]:
 
 def coefficients(hp: Fisher, num_models: int, norms: tuple[float, ...] | None) -> list[float]:
     """c_t: the weights normalised to sum to one, each divided by its model's global Fisher norm if given."""
-    weights = list(hp.weights) if hp.weights is not None else [1.0] * num_models
+    weights = each_model(hp.weights, num_models, 1.0)
     total = sum(weights)
     weights = [w / total for w in weights]
     if norms is not None:

@@ -3,7 +3,8 @@
 A method's hyperparameters are a frozen dataclass. Besides plain `float`, `int`, `bool`, `str`,
 `Literal[...]` and `tuple[...]` fields, two kinds of field are understood by the framework:
 
-- `PerModel[T]`: one value per model, in the models' order; the framework checks the count.
+- `PerModel[T]`: one value per model, in the models' order, or one value for every model (`each_model`);
+  the framework checks the count.
 - `InputCheckpoint`: a checkpoint the merge reads beside the models (a path, `REV:PATH`, a store, or in the
   Python API a mapping of tensors), block by block; the method lists the fields it reads in `Needs.checkpoints`
   and finds each block's rows in `Block.inputs[field]`.
@@ -50,7 +51,8 @@ InputCheckpoint = Annotated[str, CHECKPOINT]
 
 
 class PerModel:
-    """`PerModel[T]`: a tuple of one T per model (None where the field allows it: the method's default)."""
+    """`PerModel[T]`: a tuple of one T per model, or of one T for every model (None where the field allows it: the
+    method's default)."""
 
     def __class_getitem__(cls, item: Any) -> Any:
         return Annotated[tuple[item, ...], PER_MODEL]
@@ -170,12 +172,22 @@ def checkpoint_fields(cls: type) -> set[str]:
 
 
 def check_model_count(hyperparameters: Any, num_models: int) -> None:
-    """Raises ValueError where a per-model value does not have one entry per model."""
+    """Raises ValueError where a per-model value has neither one entry per model nor one for all."""
     hints = typing.get_type_hints(type(hyperparameters), include_extras=True)
     for f in dataclasses.fields(hyperparameters):
         value = getattr(hyperparameters, f.name)
-        if value is not None and PER_MODEL in marks(hints[f.name]) and len(value) != num_models:
+        if value is not None and PER_MODEL in marks(hints[f.name]) and len(value) not in (1, num_models):
             raise ValueError(f"{f.name} has {len(value)} entries for {num_models} models")
+
+
+def each_model(value: Any, count: int, default: Any = None) -> list[Any]:
+    """A per-model value as one entry for each of `count` models (one entry, or a plain value, serves them all;
+    None: `default`)."""
+    if value is None:
+        return [default] * count
+    if not isinstance(value, (tuple, list)):
+        return [value] * count
+    return list(value) * count if len(value) == 1 else list(value)
 
 
 def marks(tp: Any) -> tuple[Any, ...]:
@@ -215,9 +227,7 @@ def coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             items = _yaml(value) if value.lstrip().startswith("[") else [v for v in value.split(",") if v.strip()]
         else:
-            items = value
-        if not isinstance(items, (list, tuple)):
-            raise ValueError(f"expected a list, got {value!r}")
+            items = value if isinstance(value, (list, tuple)) else [value]  # one value: a list of one
         return tuple(coerce(v, args[0]) for v in items)
     if tp is bool:
         if isinstance(value, bool):

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import BlockmergeError
 from .base import Block, Method, docstring_summary
-from .hyperparameters import PerModel, Scheduled
+from .hyperparameters import PerModel, Scheduled, each_model
 from .ops import weighted_sum
 
 
@@ -29,7 +29,7 @@ class Linear:
 
 
 def _merge(block: Block, hp: Linear, state: Mapping[str, Any]) -> torch.Tensor:
-    weights = list(hp.weights) if hp.weights is not None else [1.0] * len(block.models)
+    weights = each_model(hp.weights, len(block.models), 1.0)
     divisor = sum(weights) if hp.normalize else 1.0
     if divisor == 0.0:
         raise BlockmergeError("linear: the weights sum to 0 and normalize is set", param=block.name)

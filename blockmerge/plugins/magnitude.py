@@ -1,26 +1,106 @@
-"""Exact magnitude thresholds of task vectors, found out of core (docs/methods.md §4.2), and the trim they set.
+"""Exact magnitude order statistics of task vectors, found out of core (docs/methods.md §4.2), and the cuts they set.
 
-    τ_t = θ_t − θ_0;   τ̂_t = τ_t where |τ_t| ≥ thr_t, else 0      (keep int(d·K)+1 entries and ties)
+Each model's entries of a group (the whole model, `global`, or one tensor, `block`) are ordered by
+|τ| = |θ_t − θ_0| ascending, equal magnitudes in index order (tensors by name, then flat index). A
+`Band` keeps the positions [low, high) of that order:
 
-thr_t is the exact k-th order statistic of |τ_t| over every merged float tensor of model t (`global`)
-or within each tensor (`block`), found by two streaming passes of a radix select over the float32
-bit patterns of |τ|: the top 16 bits first, then the low 16 bits inside the selected top bin.
+    TIES's official trim:     [K − int(d·K) − 1, K) and every entry tied with the lowest kept one
+    exactly the top int(d·K):  [K − int(d·K), K)                 (mergekit's magnitude sparsifier)
+    breadcrumbs:              [K − int(d·K) − int(γ·K), K − int(γ·K))
+
+The values at the band's ends are exact order statistics, found by two streaming passes of a radix
+select over the float32 bit patterns of |τ| (the top 16 bits, then the low 16 bits inside the
+selected top bin). Where an end falls inside a run of equal non-zero magnitudes, a third pass counts
+those ties per row, so each block knows how many came before it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import BlockmergeError
 from .base import Block, Pass
+from .hyperparameters import each_model
 
 TOP_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit clear)
 LOW_BINS = 1 << 16
 SLICE = 1 << 18  # elements the passes take at a time: their temporaries stay in the cache and on the heap
+Scope = Literal["global", "block"]
+
+
+@dataclass(frozen=True)
+class Band:
+    """Positions [low, high) of a group's ascending magnitude order that are kept; with `all_ties`, every entry
+    equal to the one at `low` too (a threshold |τ| ≥ value)."""
+
+    low: int
+    high: int
+    all_ties: bool = False
+
+
+class Bands:
+    """What a sparsifier that keeps bands gives the passes: each model's band of a group of `numel` entries.
+
+    Instances compare equal when they give the same bands (a `global` group checks its tensors agree). `exact`:
+    a band's ends may split a run of equal magnitudes (it has no `all_ties`)."""
+
+    exact = True
+
+    def bands(self, numel: int, models: int) -> list[Band]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TopDensity(Bands):
+    """TIES's official trim of each model t: int(d_t·K)+1 entries and their ties (every entry when int(d_t·K) = K)."""
+
+    densities: tuple[float, ...]
+    exact = False
+
+    def bands(self, numel: int, models: int) -> list[Band]:
+        return [Band(max(0, numel - int(numel * d) - 1), numel, all_ties=True)
+                for d in each_model(self.densities, models)]
+
+
+@dataclass(frozen=True)
+class TopCount(Bands):
+    """Exactly the int(d_t·K) largest magnitudes of each model t (ties in index order)."""
+
+    densities: tuple[float, ...]
+
+    def bands(self, numel: int, models: int) -> list[Band]:
+        return [Band(numel - int(numel * d), numel) for d in each_model(self.densities, models)]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One model's cut of a group, as bit patterns of float32 magnitudes: kept are |τ| > low (or ≥ low after the
+    first `low_skip` entries equal to it) and |τ| < high (or ≤ high for the first `high_take` entries equal to
+    it). None: no bound on that side. `empty`: nothing is kept."""
+
+    low: int | None = None
+    low_skip: int = 0
+    high: int | None = None
+    high_take: int | None = None
+    empty: bool = False
+
+    @property
+    def counts_ties(self) -> bool:
+        """Whether the tie index of entries at an end decides what is kept."""
+        return self.low_skip > 0 or self.high_take is not None
+
+    @property
+    def threshold(self) -> float | None:
+        """The cut as one threshold (|τ| ≥ it is kept), where it is one."""
+        if self.empty or self.high is not None or self.low_skip:
+            return None
+        return 0.0 if self.low is None else float(torch.tensor([self.low], dtype=torch.int32).view(torch.float32)[0])
 
 
 def task_vector_bits(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -28,13 +108,8 @@ def task_vector_bits(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return torch.sub(model, base, out=torch.empty_like(base, dtype=torch.float32)).abs_().view(torch.int32)
 
 
-def threshold_rank(numel: int, density: float) -> int:
-    """1-based rank (ascending) of the trim threshold; 0 when everything is kept."""
-    return numel - int(numel * density)
-
-
 def select_bin(counts: torch.Tensor, rank: int) -> tuple[int, int]:
-    """The bin holding the rank-th smallest value and the rank within that bin."""
+    """The bin holding the rank-th smallest value (1-based) and the rank within that bin."""
     cumulative = counts.cumsum(0)
     index = int(torch.searchsorted(cumulative, torch.tensor([rank], dtype=cumulative.dtype))[0])
     before = int(cumulative[index - 1]) if index else 0
@@ -54,23 +129,36 @@ def group_of(block: Block, mode: str) -> str:
     return "" if mode == "global" else block.name
 
 
+def _finished(block: Block) -> bool:
+    return block.stop == (block.shape[0] if block.shape else 1)
+
+
 def _fold_counts(mode: str):
-    """Sum per-model counts per group; a finished tensor's counts (block mode) are kept sparse."""
+    """Sum per-model counts per group (with the group's `Bands`); a finished tensor's counts (block mode) are
+    kept sparse."""
     def fold(acc, partial, block):
+        counts, bands = partial
         acc = acc if acc is not None else {}
         group = group_of(block, mode)
-        acc[group] = partial if group not in acc else acc[group].add_(partial)
-        if mode == "block" and block.stop == (block.shape[0] if block.shape else 1):
-            dense = acc[group]
-            acc[group] = [(row.nonzero().flatten(), row[row != 0]) for row in dense]
+        if group in acc:
+            if acc[group][1] != bands:
+                raise BlockmergeError(f"the trim's densities differ between tensors ({acc[group][1]} and {bands}): "
+                                      "a density that varies needs the trim within each tensor", param=block.name)
+            acc[group][0].add_(counts)
+        else:
+            acc[group] = [counts, bands]
+        if mode == "block" and _finished(block):
+            dense = acc[group][0]
+            acc[group][0] = [(row.nonzero().flatten(), row[row != 0]) for row in dense.reshape(-1, dense.shape[-1])]
         return acc
     return fold
 
 
-def _dense(counts, size: int) -> list[torch.Tensor]:
+def _dense(counts, size: int) -> torch.Tensor:
     if isinstance(counts, list):
-        return [torch.zeros(size, dtype=torch.int64).index_put_((bins,), values) for bins, values in counts]
-    return list(counts)
+        return torch.stack([torch.zeros(size, dtype=torch.int64).index_put_((bins,), values)
+                            for bins, values in counts])
+    return counts.reshape(-1, size)
 
 
 def _slices(block: Block) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
@@ -82,57 +170,160 @@ def _slices(block: Block) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         yield [m[a:b] for m in models], base[a:b]
 
 
-def magnitude_passes(density: float, mode: Literal["global", "block"]) -> list[Pass]:
-    """The two radix-select passes that find each model's exact threshold keeping the top `density` of |θ_t − θ_0|
-    over the model (`global`) or each tensor (`block`): `state["threshold"][group]`, one per model."""
-    def top_counts(block: Block, hp: Any, state: Mapping[str, Any]) -> torch.Tensor:
+def _value(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
+
+
+def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool) -> list[Pass]:
+    """The passes that find each model's `Cut` of each group (`state["cut"][group]`): `bands_of(hyperparameters
+    at the tensor)` says which band of the ascending magnitude order is kept. `exact`: ends may split runs of equal
+    magnitudes (a band without `all_ties`), so the ties before each row are counted where they do."""
+
+    def top_counts(block: Block, hp: Any, state: Mapping[str, Any]):
         counts = torch.zeros(len(block.models), TOP_BINS, dtype=torch.int64, device=block.base.device)
         for models, base in _slices(block):
             for row, m in zip(counts, models):
                 row += torch.bincount(task_vector_bits(m, base).bitwise_right_shift_(16), minlength=TOP_BINS)
-        return counts.cpu()
+        return counts.cpu(), bands_of(hp)
 
-    def find_top(acc, hp: Any, state: Mapping[str, Any]) -> dict:
-        found = {}
-        for group, counts in acc.items():
-            found[group] = []
-            for row in _dense(counts, TOP_BINS):
-                rank = threshold_rank(int(row.sum()), density)
-                found[group].append(select_bin(row, rank) if rank > 0 else None)
-        return {"top": found}
+    def find_ends(acc, hp: Any, state: Mapping[str, Any]) -> dict:
+        """Per group and model, the ends of its band: (side, position, top bin, rank in the bin, count below)."""
+        ends = {}
+        for group, (counts, bands) in acc.items():
+            rows = _dense(counts, TOP_BINS)
+            ends[group] = []
+            for row, band in zip(rows, bands.bands(int(rows[0].sum()), len(rows))):
+                numel = int(row.sum())
+                low, high = max(0, band.low), min(numel, band.high)
+                if low >= high:
+                    ends[group].append(None)
+                    continue
+                below = row.cumsum(0)
+                found = []
+                for side, position in (("low", low), ("high", high - 1)):
+                    if (side == "low" and low > 0) or (side == "high" and high < numel):
+                        top, rank = select_bin(row, position + 1)
+                        found.append((side, position, top, rank, int(below[top - 1]) if top else 0, band.all_ties))
+                ends[group].append(found)
+        return {"ends": ends}
 
     def low_counts(block: Block, hp: Any, state: Mapping[str, Any]) -> torch.Tensor:
-        counts = torch.zeros(len(block.models), LOW_BINS, dtype=torch.int64, device=block.base.device)
-        tops = state["top"][group_of(block, mode)]
+        ends = state["ends"][group_of(block, mode)]
+        counts = torch.zeros(len(block.models), 2, LOW_BINS, dtype=torch.int64, device=block.base.device)
         for models, base in _slices(block):
-            for row, m, top in zip(counts, models, tops):
-                if top is not None:
+            for rows, m, found in zip(counts, models, ends):
+                for row, (_, _, top, _, _, _) in zip(rows, found or ()):
                     # low 16 bits of the values in the top bin, shifted by one; every other value lands in
                     # bin 0 or LOW_BINS + 1, which are dropped
-                    low = task_vector_bits(m, base).sub_(top[0] << 16).clamp_(-1, LOW_BINS).add_(1)
+                    low = task_vector_bits(m, base).sub_(top << 16).clamp_(-1, LOW_BINS).add_(1)
                     row += torch.bincount(low, minlength=LOW_BINS + 2)[1:LOW_BINS + 1]
-        return counts.cpu()
+        return counts.cpu(), None
 
-    def find_threshold(acc, hp: Any, state: Mapping[str, Any]) -> dict:
-        thresholds = {}
-        for group, counts in acc.items():
-            thresholds[group] = []
-            for row, top in zip(_dense(counts, LOW_BINS), state["top"][group]):
-                if top is None:
-                    thresholds[group].append(None)
-                    continue
-                low, _ = select_bin(row, top[1])
-                bits = torch.tensor([(top[0] << 16) | low], dtype=torch.int32)
-                thresholds[group].append(float(bits.view(torch.float32)[0]))
-        return {"threshold": thresholds}
+    def find_cuts(acc, hp: Any, state: Mapping[str, Any]) -> dict:
+        cuts = {}
+        for group, (counts, _) in acc.items():
+            rows = _dense(counts, LOW_BINS).reshape(-1, 2, LOW_BINS)
+            cuts[group] = [_cut(found, pair) for found, pair in zip(state["ends"][group], rows)]
+        return {"cut": cuts}
 
-    return [Pass(top_counts, _fold_counts(mode), find_top),
-            Pass(low_counts, _fold_counts(mode), find_threshold)]
+    def tie_counts(block: Block, hp: Any, state: Mapping[str, Any]) -> torch.Tensor:
+        """Per model, end and row of the block: the entries equal to the value at that end."""
+        rows = block.stop - block.start
+        counts = torch.zeros(len(block.models), 2, rows, dtype=torch.int64)
+        for m, out, cut in zip(block.models, counts, state["cut"][group_of(block, mode)]):
+            bits = task_vector_bits(m, block.base).reshape(rows, -1)
+            for row, value in zip(out, (cut.low, cut.high)):
+                if value is not None:
+                    row += (bits == value).sum(1, dtype=torch.int64).cpu()
+        return counts
+
+    def fold_ties(acc, partial: torch.Tensor, block: Block):
+        acc = acc if acc is not None else {}
+        acc.setdefault(group_of(block, mode), {}).setdefault(block.name, []).append((block.start, partial))
+        return acc
+
+    def ties_before(acc, hp: Any, state: Mapping[str, Any]) -> dict:
+        """Per tensor: for each model, end and row, the group's entries equal to the end's value before the row."""
+        before = {}
+        for tensors in acc.values():
+            carried = None
+            for name in sorted(tensors):
+                counts = torch.cat([p for _, p in sorted(tensors[name], key=lambda part: part[0])], dim=2)
+                prefix = counts.cumsum(2) - counts
+                if carried is not None:
+                    prefix += carried.unsqueeze(2)
+                before[name] = prefix
+                carried = prefix[:, :, -1] + counts[:, :, -1]
+        return {"ties_before": before}
+
+    def wants_ties(name: str, state: Mapping[str, Any]) -> bool:
+        return any(c.counts_ties for c in state["cut"].get("" if mode == "global" else name, ()))
+
+    passes = [Pass(top_counts, _fold_counts(mode), find_ends), Pass(low_counts, _fold_counts(mode), find_cuts)]
+    return [*passes, Pass(tie_counts, fold_ties, ties_before, wants=wants_ties)] if exact else passes
 
 
-def trimmed_task_vectors(block: Block, mode: str, state: Mapping[str, Any]) -> list[torch.Tensor]:
-    """τ̂_t of a block: the given `trimmed` statistics, or the task vectors cut at the found thresholds."""
+def _cut(found: list | None, counts: torch.Tensor) -> Cut:
+    """A model's cut from the ends of its band (`find_ends`) and the low-bit counts in their top bins."""
+    if found is None:
+        return Cut(empty=True)
+    fields: dict[str, Any] = {}
+    for row, (side, position, top, rank, below, all_ties) in zip(counts, found):
+        low_bin, _ = select_bin(row, rank)
+        bits = (top << 16) | low_bin
+        less = below + int(row[:low_bin].sum())
+        equal = int(row[low_bin])
+        zero = _value(bits) == 0.0  # keeping or dropping zeros changes nothing
+        if side == "low":
+            fields["low"] = bits
+            fields["low_skip"] = 0 if all_ties or zero else position - less
+        else:
+            fields["high"] = bits
+            take = position - less + 1
+            fields["high_take"] = None if zero or take >= equal else take
+    return Cut(**fields)
+
+
+def _tie_index(bits: torch.Tensor, value: int, before: int) -> torch.Tensor:
+    """Each entry's index among the group's entries equal to `value` (meaningful where it equals it)."""
+    equal = (bits.reshape(-1) == value)
+    return (torch.cumsum(equal, 0) - 1 + before).reshape(bits.shape)
+
+
+def cut_task_vector(model: torch.Tensor, base: torch.Tensor, cut: Cut, before: torch.Tensor | None,
+                    ) -> torch.Tensor:
+    """τ = model − base with the entries outside the cut set to 0; `before` holds, for this model and the block's
+    first row, the group's entries equal to each end's value that come earlier (needed where `cut.counts_ties`)."""
+    task_vector = model - base
+    if cut.empty:
+        return task_vector.zero_()
+    threshold = cut.threshold
+    if threshold is not None:
+        return trim(task_vector, threshold)
+    bits = task_vector_bits(model, base)
+    keep = torch.ones_like(bits, dtype=torch.bool)
+    if cut.low is not None:
+        above = bits > cut.low
+        if cut.low_skip:
+            above |= (bits == cut.low) & (_tie_index(bits, cut.low, int(before[0])) >= cut.low_skip)
+        else:
+            above |= bits == cut.low
+        keep &= above
+    if cut.high is not None:
+        below = bits < cut.high
+        if cut.high_take is not None:
+            below |= (bits == cut.high) & (_tie_index(bits, cut.high, int(before[1])) < cut.high_take)
+        else:
+            below |= bits == cut.high
+        keep &= below
+    return task_vector.mul_(keep)
+
+
+def cut_task_vectors(block: Block, mode: str, state: Mapping[str, Any]) -> list[torch.Tensor]:
+    """τ̂_t of a block: the given `trimmed` statistics, or the task vectors cut as the passes found."""
     if "trimmed" in block.stats:
         return block.stats["trimmed"]
-    thresholds = state["threshold"][group_of(block, mode)]
-    return [trim(m - block.base, thr) for m, thr in zip(block.models, thresholds)]
+    cuts = state["cut"][group_of(block, mode)]
+    before = state.get("ties_before", {}).get(block.name)
+    return [cut_task_vector(m, block.base, cut, None if before is None else before[t, :, block.start])
+            for t, (m, cut) in enumerate(zip(block.models, cuts))]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .base import Block, Method, Needs, docstring_summary, tensor_pass
-from .hyperparameters import PerModel, Scheduled
+from .hyperparameters import PerModel, Scheduled, each_model
 from .ops import row_sums
 
 UNIT_FLOOR = 1e-7  # the least norm a vector is divided by
@@ -68,7 +68,7 @@ def weights_of(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor, t: float) -
 
 
 def _merge(block: Block, hp: Nuslerp, state: Mapping[str, Any]) -> torch.Tensor:
-    t = position(list(hp.weights) if hp.weights is not None else [1.0, 1.0])
+    t = position(each_model(hp.weights, 2, 1.0))
     a, b = _vectors(block, hp)
     if hp.flatten or a.dim() < 2:
         aa, bb, ab = (torch.tensor(x, dtype=torch.float64) for x in state[PRODUCTS][block.name])

@@ -1,8 +1,10 @@
 """Task arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic"; docs/methods.md §2).
 
-    θ* = θ_0 + λ Σ_t (θ_t − θ_0)         (a sum of task vectors, as in every official code)
+    θ* = θ_0 + λ Σ_t w_t (θ_t − θ_0) / Z,   Z = Σ_t w_t with `normalize`, else 1      (w_t = 1 by default)
 
-The composition Dense × no consensus of :mod:`blockmerge.plugins.task_vectors`.
+With unit weights and no normalisation it is the sum of task vectors of every official code;
+weights, `normalize` and λ per tensor are mergekit's `task_arithmetic`. The composition
+Dense × no consensus of :mod:`blockmerge.plugins.task_vectors`.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from typing import Any
 import torch
 
 from .base import Block, Method, Needs, docstring_summary
+from .hyperparameters import PerModel, Scheduled
 from .task_vectors import Dense, TaskVectorMerge
 
 
 @dataclass(frozen=True)
 class TaskArithmetic:
-    scaling_factor: float = 1.0
+    scaling_factor: Scheduled[float] = 1.0
+    weights: PerModel[Scheduled[float]] | None = None
+    normalize: bool = False
 
 
 def _merge(block: Block, hp: TaskArithmetic, state: Mapping[str, Any]) -> torch.Tensor:
-    return TaskVectorMerge(Dense(), None, hp.scaling_factor).merge(block, state)
+    return TaskVectorMerge(Dense(), None, hp.scaling_factor, hp.weights, hp.normalize).merge(block, state)
 
 
 METHOD = Method(name="task_arithmetic", description=docstring_summary(__doc__),

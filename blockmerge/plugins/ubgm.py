@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .base import Block, Method, Needs, docstring_summary
-from .hyperparameters import PerModel
+from .hyperparameters import PerModel, each_model
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def ubgm(models: list[torch.Tensor], base: torch.Tensor, hessians: list[torch.Te
 
 def _merge(block: Block, hp: Ubgm, state: Mapping[str, Any]) -> torch.Tensor:
     return ubgm(block.models, block.base, block.stats["fisher"], block.base_stats["fisher"], hp.scaling_factor,
-                hp.delta0, hp.base_scale, list(hp.model_scales) if hp.model_scales is not None else None)
+                hp.delta0, hp.base_scale, each_model(hp.model_scales, len(block.models), 1.0))
 
 
 METHOD = Method(name="ubgm", description=docstring_summary(__doc__), hyperparameters=Ubgm, merge=_merge,

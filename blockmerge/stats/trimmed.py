@@ -20,19 +20,20 @@ from ..engine.sources import open_checkpoint
 from ..engine.tensors import TensorSpec
 from ..errors import BlockmergeError
 from ..plugins import Common, Method, Needs
-from ..plugins.magnitude import magnitude_passes, trimmed_task_vectors
+from ..plugins.magnitude import TopDensity, band_passes, cut_task_vectors
 from ..plugins.ties import Ties
 
 TRIM = Method(name="trimmed", description="trimmed task vector", hyperparameters=Ties,
-              merge=lambda block, hp, state: trimmed_task_vectors(block, hp.trim, state)[0],
-              needs=lambda hp: Needs(base=True), passes=lambda hp, kinds: magnitude_passes(hp.density, hp.trim))
+              merge=lambda block, hp, state: cut_task_vectors(block, hp.trim, state)[0],
+              needs=lambda hp: Needs(base=True),
+              passes=lambda hp, kinds: band_passes(lambda at: TopDensity(at.density), hp.trim, exact=False))
 
 
 def trimmed(model: Any, base: Any, out: str | os.PathLike, *, density: float = 0.2, overwrite: bool = False,
             block_size: int | str = DEFAULT_BLOCK_BYTES, progress: bool = False) -> Summary:
     """Write the trimmed task vector of `model` against `base` to a statistics store at `out`."""
     try:
-        hp = Ties(density=density)
+        hp = Ties(density=(density,))
     except ValueError as err:
         raise BlockmergeError(f"trimmed: {err}") from None
     ckpt, base_ckpt = open_checkpoint(model, "model"), open_checkpoint(base, "base")
