@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 import yaml
 from rich.table import Table
 
@@ -59,6 +60,27 @@ def _load_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _accepted(*flags: str):
+    """Options of mergekit-yaml that only tune mergekit's own loader, storage or scheduling: accepted, no effect."""
+    def decorate(command):
+        text = "Accepted for mergekit's scripts; no effect on blockmerge."
+        for flag in flags:
+            if flag.endswith("="):
+                command = click.option(f"--{flag[:-1]}", default=None, hidden=True, help=text)(command)
+            else:
+                command = click.option(f"--{flag}/--no-{flag}", default=False, hidden=True, help=text)(command)
+        return command
+    return decorate
+
+
+# mergekit-yaml's options for its loader (blockmerge always reads lazily, bounds memory and runs on local files),
+# its GPU scheduling, its writers and its hub and LoRA caches
+_ACCEPTED_MERGEKIT_FLAGS = _accepted("allow-crimes", "lazy-unpickle", "low-cpu-memory", "read-to-gpu", "multi-gpu",
+                                     "gpu-rich", "async-write", "clone-tensors", "trust-remote-code",
+                                     "write-threads=", "transformers-cache=", "lora-merge-cache=",
+                                     "lora-merge-dtype=")
+
+
 def _is_mergekit(path: Path) -> bool:
     try:
         config = yaml.safe_load(path.read_text())
@@ -70,21 +92,39 @@ def _is_mergekit(path: Path) -> bool:
 @click.command("mergekit-yaml")
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("out")
-@click.option("--cuda", is_flag=True, help="Merge on the GPU (cuda).")
+@click.option("--cuda/--no-cuda", default=False, help="Merge on the GPU (cuda).")
+@click.option("--device", default=None, help="Merge on this device (cpu, cuda, cuda:1); overrides --cuda.")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
-              help="Copy the base model's tokenizer and config files into OUT.")
-@click.option("--out-shard-size", default="5GiB", show_default=True, help="Largest safetensors shard.")
-@click.option("--allow-crimes", is_flag=True, help="Accepted for mergekit's scripts (architectures must match).")
-@click.option("--lazy-unpickle", is_flag=True, help="Accepted for mergekit's scripts (inputs are always read lazily).")
-@click.option("--low-cpu-memory", is_flag=True, help="Accepted for mergekit's scripts (memory is always bounded).")
+              help="Copy the base model's tokenizer files into OUT (its config is always written).")
+@click.option("--out-shard-size", default="5B", show_default=True,
+              help="Largest output shard, in parameters as mergekit counts them (500M, 5B), or in bytes (2GiB).")
+@click.option("--random-seed", type=int, default=None, help="Seed of the random methods (DARE, DELLA).")
+@click.option("--write-model-card/--no-write-model-card", default=True, show_default=True,
+              help="Write OUT/README.md: the method, the models and the configuration.")
+@click.option("--safe-serialization/--no-safe-serialization", default=True,
+              help="Accepted for mergekit's scripts (outputs are always safetensors).")
+@click.option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", default=False,
+              help="Not supported (vocabularies must match).")
+@click.option("--num-threads", "-j", type=int, default=None, help="Torch threads of the merge.")
+@click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bar or summary.")
+@click.option("--verbose", "-v", count=True, help="Accepted for mergekit's scripts.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT (atomically, when complete).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@_ACCEPTED_MERGEKIT_FLAGS
 @_errors
-def mergekit_yaml(config: Path, out: str, cuda: bool, copy_tokenizer: bool, out_shard_size: str, allow_crimes: bool,
-                  lazy_unpickle: bool, low_cpu_memory: bool, overwrite: bool, quiet: bool) -> None:
+def mergekit_yaml(config: Path, out: str, cuda: bool, device: str | None, copy_tokenizer: bool, out_shard_size: str,
+                  random_seed: int | None, write_model_card: bool, safe_serialization: bool,
+                  unsafe_truncate_embeddings: bool, num_threads: int | None, quiet: bool, verbose: int,
+                  overwrite: bool, **accepted: Any) -> None:
     """Merge as a mergekit YAML configuration says, with mergekit-yaml's arguments, into the directory OUT."""
-    summary = mergekit.merge(config, out, device="cuda" if cuda else "cpu", max_shard_size=out_shard_size,
-                             copy_tokenizer=copy_tokenizer, overwrite=overwrite, progress=show_progress(quiet))
+    if not safe_serialization:
+        raise BlockmergeError("--no-safe-serialization is not supported: blockmerge writes safetensors only")
+    if unsafe_truncate_embeddings:
+        raise BlockmergeError("--unsafe-truncate-embeddings is not supported: the models' vocabularies must match")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    summary = mergekit.merge(config, out, device=device or ("cuda" if cuda else "cpu"), out_shard_size=out_shard_size,
+                             copy_tokenizer=copy_tokenizer, seed=random_seed, model_card=write_model_card,
+                             overwrite=overwrite, progress=show_progress(quiet))
     if not quiet:
         print_summary([summary])
 
@@ -171,7 +211,8 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, bl
     if config and _is_mergekit(config):
         if not out:
             raise BlockmergeError("a mergekit config gives no output: pass --out")
-        summary = mergekit.merge(config, out, device=device or "cpu", max_shard_size=max_shard_size or "5GiB",
+        summary = mergekit.merge(config, out, device=device or "cpu",
+                                 out_shard_size=parse_size(max_shard_size or "5GiB", "max_shard_size"),
                                  overwrite=overwrite, progress=show_progress(quiet))
         if not quiet:
             print_summary([summary])

@@ -3,7 +3,9 @@ methods with mergekit's semantics. A key, value or method not supported yet is o
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,11 @@ import yaml
 
 from . import api
 from .engine.job import Summary
+from .engine.sinks import parse_size
+from .engine.sources import open_checkpoint
+from .engine.tensors import itemsize, torch_dtype
 from .errors import BlockmergeError
+from .plugins import get
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "slices", "modules", "tokenizer", "chat_template"}
@@ -244,9 +250,7 @@ def _others(cfg: MergekitConfig) -> list[str]:
 
 
 def _model_stock(cfg: MergekitConfig) -> Translation:
-    if _scalar(cfg, "filter_wise", False):
-        raise BlockmergeError("mergekit config: model_stock's filter_wise is not supported yet")
-    return Translation("model_stock", _others(cfg), cfg.base, {})
+    return Translation("model_stock", _others(cfg), cfg.base, {"filter_wise": bool(_scalar(cfg, "filter_wise", False))})
 
 
 def _nearswap(cfg: MergekitConfig) -> Translation:
@@ -267,17 +271,89 @@ def _nuslerp(cfg: MergekitConfig) -> Translation:
                         "task_vectors": cfg.base is not None})
 
 
+def _multislerp(cfg: MergekitConfig) -> Translation:
+    others = [i for i, m in enumerate(cfg.models) if m != cfg.base]
+    weights = cfg.per_model("weight", required=True)
+    return Translation("multislerp", [cfg.models[i] for i in others], cfg.base,
+                       {"weights": [weights[i] for i in others], "task_vectors": cfg.base is not None,
+                        "normalize_weights": bool(_scalar(cfg, "normalize_weights", True)),
+                        "eps": float(_scalar(cfg, "eps", 1e-8))})
+
+
+def _karcher(cfg: MergekitConfig) -> Translation:
+    """Every input averaged alike, the base too where mergekit adds it as one."""
+    return Translation("karcher", cfg.models, None, {"max_iter": int(_scalar(cfg, "max_iter", 10)),
+                                                     "tol": float(_scalar(cfg, "tol", 1e-5))})
+
+
+def _ram(cfg: MergekitConfig) -> Translation:
+    """RAM, and RAM+ (tensor-local) with its boost of each model's unique entries."""
+    boost = cfg.method == "ramplus_tl"
+    return Translation("ram", _others(cfg), cfg.base,
+                       {"epsilon": float(_scalar(cfg, "epsilon", 1e-5)), "r": float(_scalar(cfg, "r", 0.1)) if boost
+                        else 0.0, "alpha": float(_scalar(cfg, "alpha", 0.2))})
+
+
+def _sce(cfg: MergekitConfig) -> Translation:
+    """SCE: mergekit's per-model weights and densities do not apply to it."""
+    return Translation("sce", _others(cfg), cfg.base, {"select_topk": cfg.parameters.get("select_topk", 1.0)})
+
+
 METHODS: dict[str, Callable[[MergekitConfig], Translation]] = {
     "linear": _linear, "slerp": _slerp, "model_stock": _model_stock, "nearswap": _nearswap, "nuslerp": _nuslerp,
+    "multislerp": _multislerp, "karcher": _karcher, "ram": _ram, "ramplus_tl": _ram, "sce": _sce,
     **{name: _task_vectors for name in GTA},
 }
 
 
-def merge(config: str | os.PathLike, out: str | os.PathLike, *, device: str = "cpu", max_shard_size: int | str
-          = "5GiB", copy_tokenizer: bool = True, overwrite: bool = False, progress: bool = False) -> Summary:
-    """Merge as the mergekit configuration at `config` says, into the Hugging Face directory `out`."""
+def shard_bytes(size: str | int, element_bytes: int) -> int:
+    """Bytes of an output shard: an int is bytes; a text is mergekit's `--out-shard-size`, parameters (`500M`, `5B`,
+    `1000`), or bytes with a byte unit (`2GiB`)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip()
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)", text)
+    if match is None:
+        return parse_size(text, "out_shard_size")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}[match.group(2).lower()]
+    return max(1, int(float(match.group(1)) * scale)) * element_bytes
+
+
+def _element_bytes(cfg: MergekitConfig, translation: Translation) -> int:
+    """Bytes of an output element: of the configuration's dtype, else of the base's (or first model's) floats."""
+    if cfg.dtype is not None:
+        return itemsize(cfg.dtype)
+    first = open_checkpoint(translation.base or translation.models[0], "base")
+    floats = [s.dtype for s in first.specs.values() if torch_dtype(s.dtype).is_floating_point]
+    return itemsize(floats[0]) if floats else 4
+
+
+def card_text(cfg: MergekitConfig, config_text: str) -> str:
+    """A README.md for the merged model: how it was made."""
+    models = "\n".join(f"- `{m}`" for m in cfg.models if m != cfg.base)
+    base = f"\nBase model: `{cfg.base}`.\n" if cfg.base else ""
+    return (f"# Merged model\n\nMerged with blockmerge from a mergekit configuration, method `{cfg.method}`.\n"
+            f"{base}\nModels:\n\n{models}\n\nConfiguration:\n\n```yaml\n{config_text.rstrip()}\n```\n")
+
+
+def merge(config: str | os.PathLike, out: str | os.PathLike, *, device: str = "cpu", out_shard_size: str | int = "5B",
+          copy_tokenizer: bool = True, seed: int | None = None, model_card: bool = False, overwrite: bool = False,
+          progress: bool = False) -> Summary:
+    """Merge as the mergekit configuration at `config` says, into the Hugging Face directory `out`: shards of
+    `out_shard_size` (bytes, or a text in mergekit's units: see `shard_bytes`); `seed` seeds the random methods;
+    `model_card` writes a README.md."""
     cfg = read(config)
     translation = METHODS[cfg.method](cfg)
-    return api.merge(translation.method, translation.models, base=translation.base, out=out, format="hf",
-                     dtype=cfg.dtype, device=device, max_shard_size=max_shard_size, overwrite=overwrite,
-                     progress=progress, copy_tokenizer=copy_tokenizer, **translation.hyperparameters)
+    hyperparameters = dict(translation.hyperparameters)
+    if seed is not None and "seed" in {f.name for f in dataclasses.fields(get(translation.method).hyperparameters)}:
+        hyperparameters["seed"] = seed
+    summary = api.merge(translation.method, translation.models, base=translation.base, out=out, format="hf",
+                        dtype=cfg.dtype, device=device, overwrite=overwrite, progress=progress,
+                        max_shard_size=shard_bytes(out_shard_size, _element_bytes(cfg, translation)),
+                        copy_tokenizer=copy_tokenizer, **hyperparameters)
+    if model_card:
+        card = Path(out) / "README.md"
+        partial = card.with_name(".README.md.partial")
+        partial.write_text(card_text(cfg, Path(config).read_text()))
+        os.replace(partial, card)
+    return summary

@@ -94,8 +94,8 @@ def test_cli_merges_safetensors_and_stores_to_the_specification(stores, method):
 def test_methods_command_lists_every_method_with_defaults():
     listed = {m["name"]: m for m in json.loads(run("methods", "--json").stdout)}
     assert {"average", "task_arithmetic", "dare", "ties"} <= set(listed)
-    assert listed["ties"]["hyperparameters"]["density"]["default"] == [0.2]
-    assert listed["dare"]["hyperparameters"]["drop_rate"]["default"] == [0.9]
+    assert listed["ties"]["hyperparameters"]["density"]["default"] == 0.2
+    assert listed["dare"]["hyperparameters"]["drop_rate"]["default"] == 0.9
     assert listed["task_arithmetic"]["needs_base"] is True
     reference = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
     assert "docs/methods.md" in run("methods").stdout and reference.is_file()

@@ -82,7 +82,7 @@ def test_task_arithmetic_and_merge_c_read_the_same_file(llamas, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"merge_method": "karcher"}, "mergekit method 'karcher' is not supported yet"),
+    ({"merge_method": "arcee_fusion"}, "mergekit method 'arcee_fusion' is not supported yet"),
     ({"slices": [{"sources": []}]}, "mergekit's slices (layer ranges) is not supported yet"),
     ({"tokenizer_source": "union"}, "tokenizer_source 'union' is not supported yet"),
     ({"models": [{"model": "org/hub-model"}]}, "no such local model directory (hub models are not downloaded)"),
@@ -139,3 +139,33 @@ def test_copy_tokenizer_flag_decides_whether_the_tokenizer_files_come_along(llam
     assert code == 0, output
     assert (out / "config.json").is_file()
     assert (out / "tokenizer.json").is_file() == copy and (out / "tokenizer_config.json").is_file() == copy
+
+
+def test_mergekit_yaml_takes_mergekits_arguments_with_shards_in_parameters(llamas, tmp_path):
+    config = {"merge_method": "dare_linear", "base_model": str(llamas["base"]),
+              "parameters": {"density": 0.5, "weight": 1.0},
+              "models": [{"model": str(llamas["a"])}, {"model": str(llamas["b"])}]}
+    flags = ["--lazy-unpickle", "--allow-crimes", "--no-cuda", "--low-cpu-memory", "--write-threads", "2", "-j", "1",
+             "--transformers-cache", str(tmp_path), "--clone-tensors", "--random-seed", "3", "--out-shard-size", "2K"]
+    code, output, out = run_config(tmp_path, config, *flags)
+    assert code == 0, output
+    shards = sorted(out.glob("model-*.safetensors"))
+    biggest = max(sum(t.numel() for t in load_file(s).values()) for s in shards)
+    assert len(shards) > 1 and biggest <= max(2000, *(t.numel() for s in shards for t in load_file(s).values()))
+    assert "dare_linear" in (out / "README.md").read_text()
+    again = tmp_path / "again"
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["mergekit-yaml", str(tmp_path / "config.yml"), str(again), "-q",
+                                       "--random-seed", "4", "--no-write-model-card"])
+    assert result.exit_code == 0, result.output
+    assert not (again / "README.md").exists()
+    first, second = merged_tensors(out), merged_tensors(again)
+    assert any(not torch.equal(first[n], second[n]) for n in first)  # another seed, other masks
+
+
+def test_mergekit_yaml_refuses_what_it_cannot_do_in_one_line(llamas, tmp_path):
+    config = {"merge_method": "linear", "models": [{"model": str(llamas["a"]), "parameters": {"weight": 1.0}}]}
+    for flag, message in (("--no-safe-serialization", "--no-safe-serialization is not supported"),
+                          ("--unsafe-truncate-embeddings", "--unsafe-truncate-embeddings is not supported")):
+        code, output, _ = run_config(tmp_path, config, flag)
+        assert code != 0 and message in output and len(output.strip().splitlines()) == 1

@@ -82,3 +82,19 @@ def test_nearswap_refuses_a_negative_t_and_two_models():
         blockmerge.merge("nearswap", models[:1], base=base, t=-0.1)
     with pytest.raises(BlockmergeError, match="nearswap: merges exactly 1 model, got 2"):
         blockmerge.merge("nearswap", models, base=base)
+
+
+def test_model_stock_filter_wise_takes_each_rows_own_ratio():
+    base, models = family(7, 3)
+    base.pop("lm_head.bias")
+    models = [{n: t for n, t in m.items() if n in base} for m in models]
+    merged = blockmerge.merge("model_stock", models, base=base, filter_wise=True, block_size=400)
+    for name, value in merged.items():
+        b, ms = base[name].numpy(), [m[name].numpy() for m in models]
+        if b.ndim < 2:
+            expected = model_stock_reference(b, ms)
+        else:
+            expected = np.stack([model_stock_reference(b[i], [m[i] for m in ms]) for i in range(b.shape[0])])
+        np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+    whole = blockmerge.merge("model_stock", models, base=base)
+    assert not torch.allclose(whole["model.layers.0.mlp.up_proj.weight"], merged["model.layers.0.mlp.up_proj.weight"])

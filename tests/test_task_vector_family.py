@@ -276,3 +276,12 @@ def test_every_mergekit_task_vector_method_runs_from_its_config(llamas, tmp_path
         for name in base:
             expected = combine(base[name].numpy(), taus(base, models, name), [0.5, 0.5], False, False, 1.0)
             np.testing.assert_allclose(got[name].numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("method,parameters", [("multislerp", {"weight": 0.5}), ("karcher", {}), ("ram", {}),
+                                               ("ramplus_tl", {}), ("model_stock", {"filter_wise": True})])
+def test_mergekit_methods_beyond_task_vectors_run_from_their_configs(llamas, tmp_path, method, parameters):
+    models = [{"model": str(llamas[k])} for k in ("a", "b")]
+    config = {"merge_method": method, "base_model": str(llamas["base"]), "parameters": parameters, "models": models}
+    got, base = mergekit_yaml(config, tmp_path)
+    assert sum(not torch.equal(got[n], base[n]) for n in base) > len(base) // 2

@@ -31,8 +31,8 @@ from .task_vectors import Magnitude, TaskVectorMerge, composed
 
 @dataclass(frozen=True)
 class Breadcrumbs:
-    density: PerModel[Scheduled[float]] = (0.9,)
-    gamma: PerModel[Scheduled[float]] = (0.01,)
+    density: PerModel[Scheduled[float]] = 0.9
+    gamma: PerModel[Scheduled[float]] = 0.01
     scaling_factor: Scheduled[float] = 1.0
     consensus: Literal["none", "sign"] = "none"
     weights: PerModel[Scheduled[float]] | None = None
@@ -50,11 +50,12 @@ class Breadcrumbs:
 class OutlierBand(Bands):
     """Each model's band [n_bot, K − n_top) of its ascending magnitude order."""
 
-    densities: tuple[float, ...]
-    gammas: tuple[float, ...]
+    densities: float | tuple[float, ...]
+    gammas: float | tuple[float, ...]
 
-    def bands(self, numel: int, models: int) -> list[Band]:
+    def bands(self, numel: int, nonzero: list[int]) -> list[Band]:
         out = []
+        models = len(nonzero)
         for density, gamma in zip(each_model(self.densities, models), each_model(self.gammas, models)):
             top = int(numel * gamma)
             bottom = numel - int(numel * density) - top

@@ -28,7 +28,7 @@ from .task_vectors import RandomDrop, TaskVectorMerge, composed
 
 @dataclass(frozen=True)
 class Dare:
-    drop_rate: PerModel[Scheduled[float]] = (0.9,)
+    drop_rate: PerModel[Scheduled[float]] = 0.9
     scaling_factor: Scheduled[float] = 1.0
     seed: int = 0
     rescale: bool | Literal["l1"] = True

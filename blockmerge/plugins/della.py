@@ -34,8 +34,8 @@ from .task_vectors import Resolved, TaskVectorMerge, composed, uniform_draws, we
 
 @dataclass(frozen=True)
 class Della:
-    density: PerModel[Scheduled[float]] = (0.5,)
-    epsilon: PerModel[Scheduled[float]] = (0.15,)
+    density: PerModel[Scheduled[float]] = 0.5
+    epsilon: PerModel[Scheduled[float]] = 0.15
     scaling_factor: Scheduled[float] = 1.0
     seed: int = 0
     consensus: Literal["none", "sign"] = "sign"

@@ -3,8 +3,8 @@
 A method's hyperparameters are a frozen dataclass. Besides plain `float`, `int`, `bool`, `str`,
 `Literal[...]` and `tuple[...]` fields, two kinds of field are understood by the framework:
 
-- `PerModel[T]`: one value per model, in the models' order, or one value for every model (`each_model`);
-  the framework checks the count.
+- `PerModel[T]`: a tuple of one value per model, in the models' order, or one T for every model (a plain value,
+  or a tuple of one; `each_model` gives the list); the framework checks the count.
 - `InputCheckpoint`: a checkpoint the merge reads beside the models (a path, `REV:PATH`, a store, or in the
   Python API a mapping of tensors), block by block; the method lists the fields it reads in `Needs.checkpoints`
   and finds each block's rows in `Block.inputs[field]`.
@@ -51,7 +51,7 @@ InputCheckpoint = Annotated[str, CHECKPOINT]
 
 
 class PerModel:
-    """`PerModel[T]`: a tuple of one T per model, or of one T for every model (None where the field allows it: the
+    """`PerModel[T]`: a tuple of one T per model, or one T for every model (None where the field allows it: the
     method's default)."""
 
     def __class_getitem__(cls, item: Any) -> Any:
@@ -176,7 +176,7 @@ def check_model_count(hyperparameters: Any, num_models: int) -> None:
     hints = typing.get_type_hints(type(hyperparameters), include_extras=True)
     for f in dataclasses.fields(hyperparameters):
         value = getattr(hyperparameters, f.name)
-        if value is not None and PER_MODEL in marks(hints[f.name]) and len(value) not in (1, num_models):
+        if isinstance(value, tuple) and PER_MODEL in marks(hints[f.name]) and len(value) not in (1, num_models):
             raise ValueError(f"{f.name} has {len(value)} entries for {num_models} models")
 
 
@@ -207,6 +207,8 @@ def coerce(value: Any, tp: Any) -> Any:
             return _scheduled(value)
         if CHECKPOINT in tp.__metadata__ and not (isinstance(value, str) and value.strip()):
             raise ValueError(f"expected a checkpoint (a path, REV:PATH or store), got {value!r}")
+        if PER_MODEL in tp.__metadata__ and _one_for_all(value):
+            return coerce(value, typing.get_args(args[0])[0])
         return coerce(value, args[0])
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -257,6 +259,16 @@ def coerce(value: Any, tp: Any) -> Any:
             raise ValueError(f"expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported hyperparameter type {tp}")
+
+
+def _one_for_all(value: Any) -> bool:
+    """Whether a per-model value is one value for every model: not a list (nor a text of several values), or a
+    list of schedule rules (one schedule)."""
+    if isinstance(value, str):
+        return not (value.lstrip().startswith("[") or "," in value)
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(isinstance(v, dict) for v in value)
+    return True
 
 
 def _yaml(text: str) -> Any:

@@ -45,14 +45,15 @@ class Band:
 
 
 class Bands:
-    """What a sparsifier that keeps bands gives the passes: each model's band of a group of `numel` entries.
+    """What a sparsifier that keeps bands gives the passes: each model's band of a group of `numel` entries, of which
+    `nonzero[t]` are not 0 for model t.
 
     Instances compare equal when they give the same bands (a `global` group checks its tensors agree). `exact`:
     a band's ends may split a run of equal magnitudes (it has no `all_ties`)."""
 
     exact = True
 
-    def bands(self, numel: int, models: int) -> list[Band]:
+    def bands(self, numel: int, nonzero: list[int]) -> list[Band]:
         raise NotImplementedError
 
 
@@ -60,22 +61,22 @@ class Bands:
 class TopDensity(Bands):
     """TIES's official trim of each model t: int(d_t·K)+1 entries and their ties (every entry when int(d_t·K) = K)."""
 
-    densities: tuple[float, ...]
+    densities: float | tuple[float, ...]
     exact = False
 
-    def bands(self, numel: int, models: int) -> list[Band]:
+    def bands(self, numel: int, nonzero: list[int]) -> list[Band]:
         return [Band(max(0, numel - int(numel * d) - 1), numel, all_ties=True)
-                for d in each_model(self.densities, models)]
+                for d in each_model(self.densities, len(nonzero))]
 
 
 @dataclass(frozen=True)
 class TopCount(Bands):
     """Exactly the int(d_t·K) largest magnitudes of each model t (ties in index order)."""
 
-    densities: tuple[float, ...]
+    densities: float | tuple[float, ...]
 
-    def bands(self, numel: int, models: int) -> list[Band]:
-        return [Band(numel - int(numel * d), numel) for d in each_model(self.densities, models)]
+    def bands(self, numel: int, nonzero: list[int]) -> list[Band]:
+        return [Band(numel - int(numel * d), numel) for d in each_model(self.densities, len(nonzero))]
 
 
 @dataclass(frozen=True)
@@ -161,39 +162,54 @@ def _dense(counts, size: int) -> torch.Tensor:
     return counts.reshape(-1, size)
 
 
-def _slices(block: Block) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """The block's models and base, flattened, SLICE elements at a time."""
+Magnitudes = Callable[[list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
+
+
+def task_vector_magnitudes(models: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
+    """int32 bit patterns of each model's |θ_t − θ_0| in float32: the default values bands are cut from."""
+    return [task_vector_bits(m, base) for m in models]
+
+
+def _slices(block: Block, magnitudes: Magnitudes) -> Iterator[list[torch.Tensor]]:
+    """The bit patterns of the block's magnitudes, flattened, SLICE elements at a time."""
     base = block.base.reshape(-1)
     models = [m.reshape(-1) for m in block.models]
     for a in range(0, base.numel(), SLICE):
         b = a + SLICE
-        yield [m[a:b] for m in models], base[a:b]
+        yield magnitudes([m[a:b] for m in models], base[a:b])
 
 
 def _value(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
-def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool) -> list[Pass]:
+def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
+                magnitudes: Magnitudes = task_vector_magnitudes, count: Callable[[Block], int] | None = None
+                ) -> list[Pass]:
     """The passes that find each model's `Cut` of each group (`state["cut"][group]`): `bands_of(hyperparameters
     at the tensor)` says which band of the ascending magnitude order is kept. `exact`: ends may split runs of equal
-    magnitudes (a band without `all_ties`), so the ties before each row are counted where they do."""
+    magnitudes (a band without `all_ties`), so the ties before each row are counted where they do. `magnitudes`
+    gives the int32 bit patterns of the non-negative float32 values ordered (default: each model's |τ|), and
+    `count(block)` how many such values each entry has (default: one per model)."""
+    count = count or (lambda block: len(block.models))
 
     def top_counts(block: Block, hp: Any, state: Mapping[str, Any]):
-        counts = torch.zeros(len(block.models), TOP_BINS, dtype=torch.int64, device=block.base.device)
-        for models, base in _slices(block):
-            for row, m in zip(counts, models):
-                row += torch.bincount(task_vector_bits(m, base).bitwise_right_shift_(16), minlength=TOP_BINS)
+        counts = torch.zeros(count(block), TOP_BINS + 1, dtype=torch.int64, device=block.base.device)
+        for bits in _slices(block, magnitudes):
+            for row, b in zip(counts, bits):
+                row[TOP_BINS] += (b == 0).sum()
+                row[:TOP_BINS] += torch.bincount(b.bitwise_right_shift(16), minlength=TOP_BINS)
         return counts.cpu(), bands_of(hp)
 
     def find_ends(acc, hp: Any, state: Mapping[str, Any]) -> dict:
         """Per group and model, the ends of its band: (side, position, top bin, rank in the bin, count below)."""
         ends = {}
         for group, (counts, bands) in acc.items():
-            rows = _dense(counts, TOP_BINS)
+            rows = _dense(counts, TOP_BINS + 1)
+            zeros, rows = rows[:, TOP_BINS], rows[:, :TOP_BINS]
+            numel = int(rows[0].sum())
             ends[group] = []
-            for row, band in zip(rows, bands.bands(int(rows[0].sum()), len(rows))):
-                numel = int(row.sum())
+            for row, band in zip(rows, bands.bands(numel, [numel - int(z) for z in zeros])):
                 low, high = max(0, band.low), min(numel, band.high)
                 if low >= high:
                     ends[group].append(None)
@@ -209,13 +225,13 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool) -> l
 
     def low_counts(block: Block, hp: Any, state: Mapping[str, Any]) -> torch.Tensor:
         ends = state["ends"][group_of(block, mode)]
-        counts = torch.zeros(len(block.models), 2, LOW_BINS, dtype=torch.int64, device=block.base.device)
-        for models, base in _slices(block):
-            for rows, m, found in zip(counts, models, ends):
+        counts = torch.zeros(count(block), 2, LOW_BINS, dtype=torch.int64, device=block.base.device)
+        for bits in _slices(block, magnitudes):
+            for rows, b, found in zip(counts, bits, ends):
                 for row, (_, _, top, _, _, _) in zip(rows, found or ()):
                     # low 16 bits of the values in the top bin, shifted by one; every other value lands in
                     # bin 0 or LOW_BINS + 1, which are dropped
-                    low = task_vector_bits(m, base).sub_(top << 16).clamp_(-1, LOW_BINS).add_(1)
+                    low = b.sub(top << 16).clamp_(-1, LOW_BINS).add_(1)
                     row += torch.bincount(low, minlength=LOW_BINS + 2)[1:LOW_BINS + 1]
         return counts.cpu(), None
 
@@ -229,9 +245,10 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool) -> l
     def tie_counts(block: Block, hp: Any, state: Mapping[str, Any]) -> torch.Tensor:
         """Per model, end and row of the block: the entries equal to the value at that end."""
         rows = block.stop - block.start
-        counts = torch.zeros(len(block.models), 2, rows, dtype=torch.int64)
-        for m, out, cut in zip(block.models, counts, state["cut"][group_of(block, mode)]):
-            bits = task_vector_bits(m, block.base).reshape(rows, -1)
+        counts = torch.zeros(count(block), 2, rows, dtype=torch.int64)
+        every = magnitudes(block.models, block.base)
+        for bits, out, cut in zip(every, counts, state["cut"][group_of(block, mode)]):
+            bits = bits.reshape(rows, -1)
             for row, value in zip(out, (cut.low, cut.high)):
                 if value is not None:
                     row += (bits == value).sum(1, dtype=torch.int64).cpu()
@@ -290,18 +307,12 @@ def _tie_index(bits: torch.Tensor, value: int, before: int) -> torch.Tensor:
     return (torch.cumsum(equal, 0) - 1 + before).reshape(bits.shape)
 
 
-def cut_task_vector(model: torch.Tensor, base: torch.Tensor, cut: Cut, before: torch.Tensor | None,
-                    ) -> torch.Tensor:
-    """τ = model − base with the entries outside the cut set to 0; `before` holds, for this model and the block's
-    first row, the group's entries equal to each end's value that come earlier (needed where `cut.counts_ties`)."""
-    task_vector = model - base
-    if cut.empty:
-        return task_vector.zero_()
-    threshold = cut.threshold
-    if threshold is not None:
-        return trim(task_vector, threshold)
-    bits = task_vector_bits(model, base)
+def in_cut(bits: torch.Tensor, cut: Cut, before: torch.Tensor | None) -> torch.Tensor:
+    """Which values (int32 bit patterns of non-negative float32) the cut keeps; `before` holds, for the block's first
+    row, the group's values equal to each end's that come earlier (needed where `cut.counts_ties`)."""
     keep = torch.ones_like(bits, dtype=torch.bool)
+    if cut.empty:
+        return keep.logical_not_()
     if cut.low is not None:
         above = bits > cut.low
         if cut.low_skip:
@@ -316,7 +327,25 @@ def cut_task_vector(model: torch.Tensor, base: torch.Tensor, cut: Cut, before: t
         else:
             below |= bits == cut.high
         keep &= below
-    return task_vector.mul_(keep)
+    return keep
+
+
+def cut_task_vector(model: torch.Tensor, base: torch.Tensor, cut: Cut, before: torch.Tensor | None,
+                    ) -> torch.Tensor:
+    """τ = model − base with the entries outside the cut set to 0 (`before` as `in_cut` takes it)."""
+    task_vector = model - base
+    if cut.empty:
+        return task_vector.zero_()
+    threshold = cut.threshold
+    if threshold is not None:
+        return trim(task_vector, threshold)
+    return task_vector.mul_(in_cut(task_vector_bits(model, base), cut, before))
+
+
+def ties_before_block(block: Block, state: Mapping[str, Any], index: int) -> torch.Tensor | None:
+    """For ordered values `index` of the block: the group's values equal to each end's before its first row."""
+    before = state.get("ties_before", {}).get(block.name)
+    return None if before is None else before[index, :, block.start]
 
 
 def cut_task_vectors(block: Block, mode: str, state: Mapping[str, Any]) -> list[torch.Tensor]:
@@ -324,6 +353,5 @@ def cut_task_vectors(block: Block, mode: str, state: Mapping[str, Any]) -> list[
     if "trimmed" in block.stats:
         return block.stats["trimmed"]
     cuts = state["cut"][group_of(block, mode)]
-    before = state.get("ties_before", {}).get(block.name)
-    return [cut_task_vector(m, block.base, cut, None if before is None else before[t, :, block.start])
+    return [cut_task_vector(m, block.base, cut, ties_before_block(block, state, t))
             for t, (m, cut) in enumerate(zip(block.models, cuts))]

@@ -8,7 +8,8 @@ For each tensor, with the task vectors τ_k = θ_k − θ_0 of N ≥ 2 models:
     θ* = t · (1/N) Σ_k θ_k + (1 − t) θ_0
 
 The dot products are exact sums over each tensor (one reduction pass), so the merge is elementwise and
-stays within the block budget.
+stays within the block budget. With `filter_wise` (mergekit's option) each row of a matrix has its own t from
+its own task vectors (a vector is one row).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from ..errors import BlockmergeError
 from .base import Block, Method, Needs, docstring_summary, tensor_pass
-from .ops import average, row_sums
+from .ops import average, gram_pairs, pair_products
 
 COSINE_FLOOR = 1e-6  # the least product of norms a cosine is divided by
 RATIO = "model_stock.t"  # state: t of each tensor
@@ -31,17 +32,14 @@ RATIO = "model_stock.t"  # state: t of each tensor
 
 @dataclass(frozen=True)
 class ModelStock:
-    """No hyperparameters: the interpolation ratio comes from the task vectors' angles."""
+    """The interpolation ratio comes from the task vectors' angles, over each tensor or (`filter_wise`) each row."""
 
-
-def _pairs(count: int) -> list[tuple[int, int]]:
-    return [(k, j) for k in range(count) for j in range(k, count)]
+    filter_wise: bool = False
 
 
 def _products(block: Block, hp: ModelStock, state: Mapping[str, Any]) -> torch.Tensor:
     """Per row: τ_k · τ_j for every pair k ≤ j, in float64 (products of float32 values are exact there)."""
-    taus = [(m - block.base).to(torch.float64) for m in block.models]
-    return torch.stack([row_sums(taus[k] * taus[j]) for k, j in _pairs(len(taus))], dim=1).cpu()
+    return pair_products([m - block.base for m in block.models])
 
 
 def ratio(dots: dict[tuple[int, int], float], count: int) -> float:
@@ -60,12 +58,28 @@ def ratio(dots: dict[tuple[int, int], float], count: int) -> float:
 def _finish(sums: list[float], hp: ModelStock, name: str) -> float:
     count = math.isqrt(8 * len(sums) + 1) // 2  # len(sums) = count (count + 1) / 2
     try:
-        return ratio(dict(zip(_pairs(count), sums)), count)
+        return ratio(dict(zip(gram_pairs(count), sums)), count)
     except ValueError as err:
         raise BlockmergeError(f"model_stock: {err}", param=name) from None
 
 
+def row_ratios(products: torch.Tensor, count: int) -> torch.Tensor:
+    """t of each row from its task vectors' dot products ([rows, pairs] in `gram_pairs` order), float64."""
+    pairs = {pair: products[:, i] for i, pair in enumerate(gram_pairs(count))}
+    cosines = [(pairs[(k, j)] / (pairs[(k, k)].sqrt() * pairs[(j, j)].sqrt()).clamp(min=COSINE_FLOOR)).clamp(-1, 1)
+               for k, j in itertools.combinations(range(count), 2)]
+    c = torch.stack(cosines).mean(0)
+    return count * c / (1.0 + (count - 1) * c)
+
+
 def _merge(block: Block, hp: ModelStock, state: Mapping[str, Any]) -> torch.Tensor:
+    if hp.filter_wise and block.base.dim() >= 2:
+        t = row_ratios(pair_products([m - block.base for m in block.models]), len(block.models))
+        if not torch.isfinite(t).all():
+            raise BlockmergeError("model_stock: a row's task vectors have a mean cosine of -1/(N - 1): t is infinite",
+                                  param=block.name)
+        t = t.to(block.base.dtype).to(block.base.device).reshape(-1, *[1] * (block.base.dim() - 1))
+        return average(block.models).mul_(t).add_(block.base * (1.0 - t))
     t = state[RATIO][block.name]
     return average(block.models).mul_(t).add_(block.base, alpha=1.0 - t)
 

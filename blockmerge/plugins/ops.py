@@ -6,6 +6,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
@@ -110,3 +111,25 @@ def row_sums(values: torch.Tensor) -> torch.Tensor:
         half = terms.shape[1] // 2
         terms = terms[:, :half] + terms[:, half:]
     return terms[:, 0]
+
+
+def gram_pairs(count: int) -> list[tuple[int, int]]:
+    """The pairs (k, j), k ≤ j, of `count` vectors, in the order `pair_products` gives their products."""
+    return [(k, j) for k in range(count) for j in range(k, count)]
+
+
+def pair_products(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """Per row (first axis): v_k · v_j of every pair k ≤ j (`gram_pairs` order) in float64, [rows, pairs] on the CPU;
+    with `tensor_pass`, their exact totals over a tensor."""
+    wide = [v.to(torch.float64) for v in vectors]
+    return torch.stack([row_sums(wide[k] * wide[j]) for k, j in gram_pairs(len(wide))], dim=1).cpu()
+
+
+def gram_matrix(sums: list[float]) -> np.ndarray:
+    """The symmetric Gram matrix (float64) of the vectors whose pair products (`gram_pairs` order) are `sums`."""
+    count = math.isqrt(8 * len(sums) + 1) // 2  # len(sums) = count (count + 1) / 2
+    gram = np.empty((count, count))
+    for (k, j), value in zip(gram_pairs(count), sums):
+        gram[k, j] = gram[j, k] = value
+    return gram
+

@@ -30,7 +30,7 @@ from .task_vectors import Magnitude, SignElection, TaskVectorMerge
 
 @dataclass(frozen=True)
 class Ties:
-    density: PerModel[Scheduled[float]] = (0.2,)
+    density: PerModel[Scheduled[float]] = 0.2
     scaling_factor: Scheduled[float] = 1.0
     trim: Literal["global", "block"] = "global"
     majority_sign: Literal["global", "block", "plus"] = "global"

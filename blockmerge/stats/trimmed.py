@@ -33,7 +33,7 @@ def trimmed(model: Any, base: Any, out: str | os.PathLike, *, density: float = 0
             block_size: int | str = DEFAULT_BLOCK_BYTES, progress: bool = False) -> Summary:
     """Write the trimmed task vector of `model` against `base` to a statistics store at `out`."""
     try:
-        hp = Ties(density=(density,))
+        hp = Ties(density=density)
     except ValueError as err:
         raise BlockmergeError(f"trimmed: {err}") from None
     ckpt, base_ckpt = open_checkpoint(model, "model"), open_checkpoint(base, "base")
