@@ -19,11 +19,12 @@ from .engine.sinks import parse_size
 from .engine.sources import open_checkpoint
 from .engine.tensors import itemsize, torch_dtype
 from .errors import BlockmergeError
+from .mergekit_slices import OutputSlice, SlicedModels, Source, assemble
 from .plugins import get
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "slices", "modules", "tokenizer", "chat_template"}
-UNSUPPORTED_KEYS = {"slices": "slices (layer ranges)", "modules": "modules", "tokenizer": "tokenizer:",
+UNSUPPORTED_KEYS = {"modules": "modules", "tokenizer": "tokenizer:",
                     "chat_template": "chat_template"}
 DTYPES = {"float32", "float16", "bfloat16"}
 
@@ -116,30 +117,96 @@ def read(path: str | os.PathLike) -> MergekitConfig:
                               f"{', '.join(sorted(METHODS))})", path=path)
     where = path.parent
     base = _model_path(config["base_model"], where) if config.get("base_model") is not None else None
+    dtype = _dtype(config, path)
+    parameters = config.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BlockmergeError("mergekit config: parameters must be a mapping", path=path)
+    if "slices" in config:
+        return _sliced(config, path, base, parameters, dtype)
     entries = config.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise BlockmergeError("mergekit config: models must be a non-empty list", path=path)
     models, own = [], []
     for entry in entries:
         ref = entry.get("model") if isinstance(entry, dict) else entry
-        parameters = entry.get("parameters", {}) if isinstance(entry, dict) else {}
-        if not isinstance(parameters, dict):
+        own_parameters = entry.get("parameters", {}) if isinstance(entry, dict) else {}
+        if not isinstance(own_parameters, dict):
             raise BlockmergeError(f"mergekit config: parameters of {ref!r} must be a mapping", path=path)
         models.append(_model_path(ref, where))
-        own.append(parameters)
+        own.append(own_parameters)
     if base is not None and base not in models:  # as mergekit does: the base becomes an input with no parameters
         models.append(base)
         own.append({})
-    dtype = config.get("out_dtype") or config.get("dtype")
-    if dtype is not None:
-        dtype = str(dtype).removeprefix("torch.")
-        if dtype not in DTYPES:
-            raise BlockmergeError(f"mergekit config: dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}",
-                                  path=path)
-    parameters = config.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BlockmergeError("mergekit config: parameters must be a mapping", path=path)
     return MergekitConfig(method, base, models, own, parameters, dtype)
+
+
+def _dtype(config: dict[str, Any], path: Path) -> str | None:
+    dtype = config.get("out_dtype") or config.get("dtype")
+    if dtype is None:
+        return None
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise BlockmergeError(f"mergekit config: dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}", path=path)
+    return dtype
+
+
+class SliceSettings(dict):
+    """The global settings of a sliced configuration, each evaluated per output tensor on lookup."""
+
+    def __init__(self, sliced: SlicedModels):
+        super().__init__()
+        self.sliced = sliced
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.sliced.setting(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.sliced.setting(name) is not None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.sliced.setting(name)
+
+
+@dataclass
+class SlicedConfig(MergekitConfig):
+    """A configuration of `slices`: its input models are assembled from the sources at each position."""
+
+    sliced: SlicedModels | None = None
+
+    def per_model(self, name: str, default: Any = None, required: bool = False) -> list[Any]:
+        values = self.sliced.per_model(name, default)
+        for model, value in zip(self.models, values):
+            if value is None and required and model is not self.base:
+                raise BlockmergeError(f"mergekit config: a slice source has no {name!r} (required by {self.method})")
+        return values
+
+
+def _sliced(config: dict[str, Any], path: Path, base: str | None, parameters: dict[str, Any],
+            dtype: str | None) -> SlicedConfig:
+    if config.get("models") is not None:
+        raise BlockmergeError("mergekit config: give either models or slices, not both", path=path)
+    pieces = config["slices"]
+    if not isinstance(pieces, list) or not pieces:
+        raise BlockmergeError("mergekit config: slices must be a non-empty list", path=path)
+    slices = []
+    for piece in pieces:
+        sources = piece.get("sources") if isinstance(piece, dict) else None
+        if not isinstance(sources, list) or not sources:
+            raise BlockmergeError("mergekit config: each slice needs a non-empty list of sources", path=path)
+        read_sources = []
+        for source in sources:
+            span = source.get("layer_range") if isinstance(source, dict) else None
+            if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+                raise BlockmergeError(f"mergekit config: a slice source needs layer_range: [start, end], got "
+                                      f"{source!r}", path=path)
+            read_sources.append(Source(_model_path(source.get("model"), path.parent), span[0], span[1],
+                                       source.get("parameters") or {}))
+        own_base = piece.get("base_model")
+        slices.append(OutputSlice(read_sources, piece.get("parameters") or {},
+                                  _model_path(own_base, path.parent) if own_base is not None else None))
+    sliced = assemble(slices, parameters, base)
+    return SlicedConfig(config["merge_method"], sliced.base, list(sliced.models), [{} for _ in sliced.models],
+                        SliceSettings(sliced), dtype, sliced)
 
 
 @dataclass(frozen=True)
@@ -299,9 +366,25 @@ def _sce(cfg: MergekitConfig) -> Translation:
     return Translation("sce", _others(cfg), cfg.base, {"select_topk": cfg.parameters.get("select_topk", 1.0)})
 
 
+def _arcee_fusion(cfg: MergekitConfig) -> Translation:
+    others = _others(cfg)
+    if len(others) != 1:
+        raise BlockmergeError(f"mergekit config: arcee_fusion merges base_model and exactly one other model, got "
+                              f"{len(others)} others")
+    return Translation("arcee_fusion", others, cfg.base, {})
+
+
+def _passthrough(cfg: MergekitConfig) -> Translation:
+    if len(cfg.models) != 1:
+        raise BlockmergeError(f"mergekit config: passthrough takes exactly one model per tensor, got {len(cfg.models)}")
+    scale = cfg.per_model("scale")[0]
+    return Translation("passthrough", cfg.models, None, {} if scale is None else {"scale": scale})
+
+
 METHODS: dict[str, Callable[[MergekitConfig], Translation]] = {
     "linear": _linear, "slerp": _slerp, "model_stock": _model_stock, "nearswap": _nearswap, "nuslerp": _nuslerp,
     "multislerp": _multislerp, "karcher": _karcher, "ram": _ram, "ramplus_tl": _ram, "sce": _sce,
+    "arcee_fusion": _arcee_fusion, "passthrough": _passthrough,
     **{name: _task_vectors for name in GTA},
 }
 
@@ -330,8 +413,8 @@ def _element_bytes(cfg: MergekitConfig, translation: Translation) -> int:
 
 def card_text(cfg: MergekitConfig, config_text: str) -> str:
     """A README.md for the merged model: how it was made."""
-    models = "\n".join(f"- `{m}`" for m in cfg.models if m != cfg.base)
-    base = f"\nBase model: `{cfg.base}`.\n" if cfg.base else ""
+    models = "\n".join(f"- `{getattr(m, 'label', m)}`" for m in cfg.models if m != cfg.base)
+    base = f"\nBase model: `{getattr(cfg.base, 'label', cfg.base)}`.\n" if cfg.base else ""
     return (f"# Merged model\n\nMerged with blockmerge from a mergekit configuration, method `{cfg.method}`.\n"
             f"{base}\nModels:\n\n{models}\n\nConfiguration:\n\n```yaml\n{config_text.rstrip()}\n```\n")
 
@@ -343,6 +426,17 @@ def merge(config: str | os.PathLike, out: str | os.PathLike, *, device: str = "c
     `out_shard_size` (bytes, or a text in mergekit's units: see `shard_bytes`); `seed` seeds the random methods;
     `model_card` writes a README.md."""
     cfg = read(config)
+    try:
+        return _merge(cfg, config, out, device=device, out_shard_size=out_shard_size, copy_tokenizer=copy_tokenizer,
+                      seed=seed, model_card=model_card, overwrite=overwrite, progress=progress)
+    finally:
+        if isinstance(cfg, SlicedConfig):
+            cfg.sliced.workdir.cleanup()
+
+
+def _merge(cfg: MergekitConfig, config: str | os.PathLike, out: str | os.PathLike, *, device: str,
+           out_shard_size: str | int, copy_tokenizer: bool, seed: int | None, model_card: bool, overwrite: bool,
+           progress: bool) -> Summary:
     translation = METHODS[cfg.method](cfg)
     hyperparameters = dict(translation.hyperparameters)
     if seed is not None and "seed" in {f.name for f in dataclasses.fields(get(translation.method).hyperparameters)}:

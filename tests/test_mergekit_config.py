@@ -82,8 +82,9 @@ def test_task_arithmetic_and_merge_c_read_the_same_file(llamas, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"merge_method": "arcee_fusion"}, "mergekit method 'arcee_fusion' is not supported yet"),
-    ({"slices": [{"sources": []}]}, "mergekit's slices (layer ranges) is not supported yet"),
+    ({"merge_method": "frankenstein"}, "mergekit method 'frankenstein' is not supported yet"),
+    ({"modules": {"text": {}}}, "mergekit's modules is not supported yet"),
+    ({"models": None, "slices": [{"sources": []}]}, "each slice needs a non-empty list of sources"),
     ({"tokenizer_source": "union"}, "tokenizer_source 'union' is not supported yet"),
     ({"models": [{"model": "org/hub-model"}]}, "no such local model directory (hub models are not downloaded)"),
     ({"models": [{"model": "a+lora"}]}, "a LoRA applied to a model is not supported yet"),
@@ -169,3 +170,45 @@ def test_mergekit_yaml_refuses_what_it_cannot_do_in_one_line(llamas, tmp_path):
                           ("--unsafe-truncate-embeddings", "--unsafe-truncate-embeddings is not supported")):
         code, output, _ = run_config(tmp_path, config, flag)
         assert code != 0 and message in output and len(output.strip().splitlines()) == 1
+
+
+def test_a_frankenmerge_of_slices_stacks_the_layers_and_loads_in_transformers(llamas, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(llamas["a"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(llamas["b"]), "layer_range": [1, 2]}]}]}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 0, output
+    got = merged_tensors(out)
+    a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    for name, value in a.items():
+        if ".layers." not in name:
+            source = a if "embed" in name else b  # embeddings from the first slice, the rest from the last
+            assert torch.equal(got[name], source[name]), name
+        else:
+            assert torch.equal(got[name], value), name  # layers 0 and 1 of a
+            if ".layers.1." in name:
+                assert torch.equal(got[name.replace(".layers.1.", ".layers.2.")], b[name])
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+
+
+def test_slices_merge_with_a_gradient_that_runs_over_each_slice(llamas, tmp_path):
+    config = {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 1.0}, "slices": [
+        {"sources": [{"model": str(llamas["a"]), "layer_range": [0, 2], "parameters": {"weight": [1.0, 0.0]}},
+                     {"model": str(llamas["b"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(llamas["a"]), "layer_range": [0, 1], "parameters": {"weight": 3.0}},
+                     {"model": str(llamas["b"]), "layer_range": [1, 2]}]}]}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 0, output
+    got = merged_tensors(out)
+    a, b = load_file(llamas["a"] / "model.safetensors"), load_file(llamas["b"] / "model.safetensors")
+    name = "model.layers.{}.mlp.up_proj.weight"
+    for out_layer, (la, lb, wa) in enumerate([(0, 0, 1.0), (1, 1, 0.0), (0, 1, 3.0)]):
+        expected = (wa * a[name.format(la)].double() + b[name.format(lb)].double()) / (wa + 1.0)
+        np.testing.assert_allclose(got[name.format(out_layer)].double().numpy(), expected.numpy(), rtol=1e-6,
+                                   atol=1e-7)
+    embed = "model.embed_tokens.weight"  # outside the layers: t = 0, the first slice's gradient start
+    np.testing.assert_allclose(got[embed].double().numpy(), ((a[embed].double() + b[embed].double()) / 2).numpy(),
+                               rtol=1e-6, atol=1e-7)

@@ -75,3 +75,26 @@ def test_sce_matches_the_reference(topk, count):
         taus = [(m[name] - base[name]).numpy().astype(np.float64) for m in models]
         expected = sce_reference(base[name].numpy().astype(np.float64), taus, topk)
         np.testing.assert_allclose(merged[name].numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def arcee_fusion_reference(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """mergekit's formula on the whole tensor, quantiles by a full sort."""
+    if base.dim() == 0:
+        return model
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = (model - base).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    ordered = torch.sort(importance.reshape(-1)).values
+    q1, median, q3 = (ordered[int(f * (ordered.numel() - 1))] for f in (0.25, 0.5, 0.75))
+    return base + (model - base) * (importance >= median + 1.5 * (q3 - q1))
+
+
+def test_arcee_fusion_matches_the_reference_and_keeps_few_changes():
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(40, 16, generator=g), "v": torch.randn(30, generator=g), "s": torch.randn((), generator=g)}
+    model = {n: t + 0.3 * torch.randn(t.shape, generator=g) ** 3 for n, t in base.items()}
+    merged = blockmerge.merge("arcee_fusion", [model], base=base, block_size=16 * 4 * 2 * 3)
+    for name in base:
+        torch.testing.assert_close(merged[name], arcee_fusion_reference(base[name], model[name]), rtol=0, atol=0)
+    kept = (merged["w"] != base["w"]).float().mean()
+    assert 0 < kept < 0.3

@@ -91,6 +91,36 @@ def _spec_of(t: torch.Tensor, label: str, name: str) -> TensorSpec:
         raise BlockmergeError(str(err), path=label, param=name) from None
 
 
+class RenamedCheckpoint(Checkpoint):
+    """Tensors of other checkpoints under new names (`parts`: new name -> (checkpoint, its name)), with `files` as
+    the checkpoint's other files: a model assembled from layers of others."""
+
+    def __init__(self, parts: Mapping[str, tuple[Checkpoint, str]], label: str, files: list[Path] | None = None):
+        self.label = label
+        self.parts = dict(parts)
+        self.specs = {new: source.specs[old] for new, (source, old) in self.parts.items()}
+        self.files = list(files or [])
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        source, old = self.parts[name]
+        return source.read(old, start, stop)
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        source, old = self.parts[name]
+        return source.read_into(old, start, stop, out)
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        source, old = self.parts[name]
+        source.prefetch(old, start, stop)
+
+    def checksum(self, name: str) -> str | None:
+        source, old = self.parts[name]
+        return source.checksum(old)
+
+    def paths(self) -> list[Path]:
+        return sorted({p for source, _ in self.parts.values() for p in source.paths()})
+
+
 class SafetensorsCheckpoint(Checkpoint):
     """One safetensors file, or Hugging Face shards listed by an index."""
 

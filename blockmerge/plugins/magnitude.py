@@ -170,8 +170,14 @@ def task_vector_magnitudes(models: list[torch.Tensor], base: torch.Tensor) -> li
     return [task_vector_bits(m, base) for m in models]
 
 
-def _slices(block: Block, magnitudes: Magnitudes) -> Iterator[list[torch.Tensor]]:
+def _slices(block: Block, magnitudes: Magnitudes | None, whole: Callable[[Block], list[torch.Tensor]] | None
+            ) -> Iterator[list[torch.Tensor]]:
     """The bit patterns of the block's magnitudes, flattened, SLICE elements at a time."""
+    if whole is not None:
+        every = [b.reshape(-1) for b in whole(block)]
+        for a in range(0, every[0].numel(), SLICE):
+            yield [b[a:a + SLICE] for b in every]
+        return
     base = block.base.reshape(-1)
     models = [m.reshape(-1) for m in block.models]
     for a in range(0, base.numel(), SLICE):
@@ -179,23 +185,24 @@ def _slices(block: Block, magnitudes: Magnitudes) -> Iterator[list[torch.Tensor]
         yield magnitudes([m[a:b] for m in models], base[a:b])
 
 
-def _value(bits: int) -> float:
+def value_of(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
 def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
-                magnitudes: Magnitudes = task_vector_magnitudes, count: Callable[[Block], int] | None = None
-                ) -> list[Pass]:
+                magnitudes: Magnitudes = task_vector_magnitudes, count: Callable[[Block], int] | None = None,
+                block_magnitudes: Callable[[Block], list[torch.Tensor]] | None = None) -> list[Pass]:
     """The passes that find each model's `Cut` of each group (`state["cut"][group]`): `bands_of(hyperparameters
     at the tensor)` says which band of the ascending magnitude order is kept. `exact`: ends may split runs of equal
     magnitudes (a band without `all_ties`), so the ties before each row are counted where they do. `magnitudes`
-    gives the int32 bit patterns of the non-negative float32 values ordered (default: each model's |τ|), and
+    gives the int32 bit patterns of the non-negative float32 values ordered (default: each model's |τ|) from slices
+    of the models and base, `block_magnitudes` from a whole block (for values that need whole rows), and
     `count(block)` how many such values each entry has (default: one per model)."""
     count = count or (lambda block: len(block.models))
 
     def top_counts(block: Block, hp: Any, state: Mapping[str, Any]):
         counts = torch.zeros(count(block), TOP_BINS + 1, dtype=torch.int64, device=block.base.device)
-        for bits in _slices(block, magnitudes):
+        for bits in _slices(block, magnitudes, block_magnitudes):
             for row, b in zip(counts, bits):
                 row[TOP_BINS] += (b == 0).sum()
                 row[:TOP_BINS] += torch.bincount(b.bitwise_right_shift(16), minlength=TOP_BINS)
@@ -226,7 +233,7 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
     def low_counts(block: Block, hp: Any, state: Mapping[str, Any]) -> torch.Tensor:
         ends = state["ends"][group_of(block, mode)]
         counts = torch.zeros(count(block), 2, LOW_BINS, dtype=torch.int64, device=block.base.device)
-        for bits in _slices(block, magnitudes):
+        for bits in _slices(block, magnitudes, block_magnitudes):
             for rows, b, found in zip(counts, bits, ends):
                 for row, (_, _, top, _, _, _) in zip(rows, found or ()):
                     # low 16 bits of the values in the top bin, shifted by one; every other value lands in
@@ -246,7 +253,7 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
         """Per model, end and row of the block: the entries equal to the value at that end."""
         rows = block.stop - block.start
         counts = torch.zeros(count(block), 2, rows, dtype=torch.int64)
-        every = magnitudes(block.models, block.base)
+        every = block_magnitudes(block) if block_magnitudes else magnitudes(block.models, block.base)
         for bits, out, cut in zip(every, counts, state["cut"][group_of(block, mode)]):
             bits = bits.reshape(rows, -1)
             for row, value in zip(out, (cut.low, cut.high)):
@@ -290,7 +297,7 @@ def _cut(found: list | None, counts: torch.Tensor) -> Cut:
         bits = (top << 16) | low_bin
         less = below + int(row[:low_bin].sum())
         equal = int(row[low_bin])
-        zero = _value(bits) == 0.0  # keeping or dropping zeros changes nothing
+        zero = value_of(bits) == 0.0  # keeping or dropping zeros changes nothing
         if side == "low":
             fields["low"] = bits
             fields["low_skip"] = 0 if all_ties or zero else position - less

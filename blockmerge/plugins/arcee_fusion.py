@@ -1,0 +1,82 @@
+"""Arcee Fusion: take the fine-tune's changes where they matter most (as mergekit's `arcee_fusion`;
+docs/methods.md §30).
+
+With θ_0 the base and θ_1 the one other model, per vector along the last axis (a row of a matrix):
+
+    KL = Σ p log(p / q),   p = softmax(θ_1) + 1e-8,   q = softmax(θ_0) + 1e-8
+    I = |θ_1 − θ_0| · KL                                         (the importance of each entry)
+    τ = Q_0.5(I) + 1.5 (Q_0.75(I) − Q_0.25(I))                   over the tensor; Q_q: the entry at
+                                                                 position int(q (n − 1)) of the sorted I
+    θ* = θ_0 + (θ_1 − θ_0) · [I ≥ τ]
+
+The quantiles are exact order statistics from the band passes of :mod:`blockmerge.plugins.magnitude`
+over I (mergekit samples a million entries of larger tensors instead); rows are merged whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import Block, Method, Needs, Pass, docstring_summary
+from .magnitude import Band, Bands, band_passes, value_of
+
+QUANTILES = (0.25, 0.5, 0.75)
+SOFTMAX_FLOOR = 1e-8
+
+
+@dataclass(frozen=True)
+class ArceeFusion:
+    """No hyperparameters: the threshold comes from the importance's quartiles."""
+
+
+@dataclass(frozen=True)
+class Quartiles(Bands):
+    """One band per quartile whose end is the entry at position int(q (n − 1))."""
+
+    def bands(self, numel: int, nonzero: list[int]) -> list[Band]:
+        return [Band(int(q * (numel - 1)), int(q * (numel - 1)) + 1, all_ties=True) for q in QUANTILES]
+
+
+def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """I = |θ_1 − θ_0| · KL(softmax θ_1 ‖ softmax θ_0) per last-axis vector (float32, clamped at 0)."""
+    model, base = model.to(torch.float32), base.to(torch.float32)
+    if model.dim() == 0:
+        return torch.zeros_like(model)
+    p = torch.softmax(model, dim=-1) + SOFTMAX_FLOOR
+    q = torch.softmax(base, dim=-1) + SOFTMAX_FLOOR
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    return (model - base).abs_().mul_(kl).clamp_(min=0.0)
+
+
+def _importance_bits(block: Block) -> list[torch.Tensor]:
+    bits = importance(block.models[0], block.base).view(torch.int32)
+    return [bits] * len(QUANTILES)
+
+
+def threshold(cuts: list[Any]) -> float:
+    """τ from the quartile cuts (each cut's end holds its entry; a tensor of one entry has no ends: −∞)."""
+    if all(c.low is None and c.high is None for c in cuts):
+        return float("-inf")
+    q1, median, q3 = (torch.tensor(value_of(c.low if c.low is not None else c.high), dtype=torch.float32)
+                      for c in cuts)
+    return float(median + 1.5 * (q3 - q1))
+
+
+def _merge(block: Block, hp: ArceeFusion, state: Mapping[str, Any]) -> torch.Tensor:
+    model, base = block.models[0], block.base
+    keep = importance(model, base) >= threshold(state["cut"][block.name])
+    return torch.sub(model, base).mul_(keep).add_(base)
+
+
+def _passes(hp: ArceeFusion, kinds: frozenset[str]) -> list[Pass]:
+    return band_passes(lambda at: Quartiles(), "block", exact=False, count=lambda block: len(QUANTILES),
+                       block_magnitudes=_importance_bits)
+
+
+METHOD = Method(name="arcee_fusion", description=docstring_summary(__doc__), hyperparameters=ArceeFusion,
+                merge=_merge, needs=lambda hp: Needs(base=True), granularity="rows", model_count=(1, 1),
+                passes=_passes)
