@@ -279,7 +279,8 @@ GTA = {"task_arithmetic": TaskVectorFamily("task_arithmetic", "none", False, Fal
 
 def _task_vectors(cfg: MergekitConfig) -> Translation:
     """mergekit's generalized task arithmetic: per-model weights and densities, its sparsifiers' counts, its sign
-    rule (+ where the weighted sum is 0), its L1 rescale and normalisation."""
+    rule (+ where the weighted sum is 0), its L1 rescale and normalisation (task arithmetic sparsifies nothing, so
+    its rescale changes nothing)."""
     family = GTA[cfg.method]
     others = [i for i, m in enumerate(cfg.models) if m != cfg.base]
     if cfg.base is None:
@@ -293,18 +294,16 @@ def _task_vectors(cfg: MergekitConfig) -> Translation:
                           "normalize": bool(_scalar(cfg, "normalize", family.normalize)),
                           "scaling_factor": cfg.parameters.get("lambda", 1.0)}
     density = pick(cfg.per_model("density", 1.0))
-    if family.method == "task_arithmetic" or family.method == "ties":
-        if rescale:
-            raise BlockmergeError(f"mergekit config: rescale with {cfg.method} is not supported yet")
-        if family.method == "ties":
-            hp.update(density=density, trim="block", exact_count=True, majority_sign="plus")
+    if family.method == "ties":
+        hp.update(density=density, trim="block", exact_count=True, majority_sign="plus",
+                  rescale="l1" if rescale else False)
     elif family.method == "dare":
         hp.update(drop_rate=[_complement(d) for d in density], consensus=family.consensus,
                   rescale="l1" if rescale else False)
     elif family.method == "breadcrumbs":
         hp.update(density=density, gamma=pick(cfg.per_model("gamma", 0.01)), consensus=family.consensus,
                   rescale="l1" if rescale else False)
-    else:
+    elif family.method == "della":
         hp.update(density=density, epsilon=pick(cfg.per_model("epsilon", 0.15)), consensus=family.consensus,
                   rescale="l1" if rescale else False)
     return Translation(family.method, [cfg.models[i] for i in others], cfg.base, hp)

@@ -285,3 +285,13 @@ def test_mergekit_methods_beyond_task_vectors_run_from_their_configs(llamas, tmp
     config = {"merge_method": method, "base_model": str(llamas["base"]), "parameters": parameters, "models": models}
     got, base = mergekit_yaml(config, tmp_path)
     assert sum(not torch.equal(got[n], base[n]) for n in base) > len(base) // 2
+
+
+def test_ties_with_l1_rescale_matches_the_reference():
+    base, models = family(21, 3)
+    merged = blockmerge.merge("ties", models, base=base, density=0.3, trim="block", exact_count=True,
+                              majority_sign="plus", rescale="l1")
+    for name in SHAPES:
+        kept = [l1_rescaled(t, top_count(t, 0.3)) for t in taus(base, models, name)]
+        np.testing.assert_allclose(merged[name].numpy(), combine(base[name].numpy(), kept, [1.0] * 3, True, True, 1.0),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)

@@ -10,7 +10,8 @@ given `trimmed` statistics (τ̂_t) are used as they are. The thresholds are exa
 statistics (:mod:`blockmerge.plugins.magnitude`); the majority sign takes one more pass. mergekit's
 `ties` is `trim=block, exact_count=true, majority_sign=plus`: exactly int(d·K) entries per tensor
 (equal magnitudes in index order) and + where the weighted sum is 0. Without `normalize` the
-agreeing entries are summed, not averaged. TIES is the composition Magnitude × SignElection of
+agreeing entries are summed, not averaged; `rescale: l1` scales each tensor's τ̂_t to the L1 norm of τ_t
+(mergekit's `rescale`). TIES is the composition Magnitude × SignElection of
 :mod:`blockmerge.plugins.task_vectors`.
 """
 
@@ -25,7 +26,7 @@ import torch
 from .base import Block, Method, Needs, docstring_summary
 from .hyperparameters import PerModel, Scheduled, values_of
 from .magnitude import TopCount, TopDensity
-from .task_vectors import Magnitude, SignElection, TaskVectorMerge
+from .task_vectors import L1Rescaled, Magnitude, SignElection, TaskVectorMerge
 
 
 @dataclass(frozen=True)
@@ -37,17 +38,22 @@ class Ties:
     exact_count: bool = False
     weights: PerModel[Scheduled[float]] | None = None
     normalize: bool = True
+    rescale: bool | Literal["l1"] = False
 
     def __post_init__(self):
         if not all(0.0 < d <= 1.0 for d in values_of(self.density)):
             raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.rescale is True:
+            raise ValueError("rescale is l1 or false (a trim has no keep probability to divide by)")
 
 
 def recipe(hp: Ties) -> TaskVectorMerge:
     """TIES as a composition: exact magnitude trim × sign election."""
     bands = TopCount(hp.density) if hp.exact_count else TopDensity(hp.density)
-    return TaskVectorMerge(Magnitude(bands, hp.trim), SignElection(hp.majority_sign), hp.scaling_factor, hp.weights,
-                           hp.normalize)
+    sparsifier: Any = Magnitude(bands, hp.trim)
+    if hp.rescale == "l1":
+        sparsifier = L1Rescaled(sparsifier)
+    return TaskVectorMerge(sparsifier, SignElection(hp.majority_sign), hp.scaling_factor, hp.weights, hp.normalize)
 
 
 def _merge(block: Block, hp: Ties, state: Mapping[str, Any]) -> torch.Tensor:
