@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
           dtype: str | None = None, compute_dtype: str = "float32", resume: bool = False, overwrite: bool = False,
           codec: str = "none", max_shard_size: int | str = DEFAULT_SHARD_BYTES, progress: bool = False,
           executor: str = "local", scheduler: str | None = None, repo: str | os.PathLike | None = None,
-          copy_tokenizer: bool = True, **hyperparameters: Any) -> dict[str, torch.Tensor] | Summary:
+          copy_tokenizer: bool | str | os.PathLike = True, **hyperparameters: Any
+          ) -> dict[str, torch.Tensor] | Summary:
     """Merge fine-tuned checkpoints with a registered method, one parameter block at a time.
 
     models, base: paths (safetensors, shard index, .bin/.pt, Hugging Face directory, blockmerge
@@ -39,7 +41,7 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     executor: `local`, or `dask` to run the blocks as tasks on the Dask cluster at `scheduler` (default
     $BLOCKMERGE_DASK_SCHEDULER, else a LocalCluster of this machine); inputs and `out` must then be
     paths every worker sees. copy_tokenizer: an `hf` output gets the base's (else the first model's) tokenizer
-    files beside its config and other files.
+    files beside its config and other files; a directory: its tokenizer files instead; False: none.
     """
     if executor not in ("local", "dask"):
         raise BlockmergeError(f"unknown executor {executor!r} (local or dask)")
@@ -64,7 +66,9 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     )
     layout = check(job)
     out_format = infer_format(out, format) if out is not None else "store"
-    files = [f for f in (job.base or job.models[0]).files if copy_tokenizer or not is_tokenizer_file(f)]
+    files = [f for f in (job.base or job.models[0]).files if copy_tokenizer is True or not is_tokenizer_file(f)]
+    if not isinstance(copy_tokenizer, bool):
+        files += sorted(f for f in Path(copy_tokenizer).iterdir() if f.is_file() and is_tokenizer_file(f))
     options = dict(out_format=out_format, codec=codec, shard_bytes=parse_size(max_shard_size, "max_shard_size"),
                    resume=resume, overwrite=overwrite, files=files,
                    inputs=source_paths(models, base, stats, base_stats, [hyperparameters[n] for n in job.inputs]))

@@ -40,6 +40,7 @@ class MergekitConfig:
     model_parameters: list[dict[str, Any]]
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
+    tokenizer_source: str | None = None
 
     def per_model(self, name: str, default: Any = None, required: bool = False) -> list[Any]:
         """Each model's value of a per-model parameter: its own, else the global one, else `default`; a list of
@@ -108,9 +109,6 @@ def read(path: str | os.PathLike) -> MergekitConfig:
     for key, what in UNSUPPORTED_KEYS.items():
         if key in config:
             raise BlockmergeError(f"mergekit's {what} is not supported yet", path=path)
-    if config.get("tokenizer_source") not in (None, "base"):
-        raise BlockmergeError(f"tokenizer_source {config['tokenizer_source']!r} is not supported yet (only base: the "
-                              "base model's tokenizer files are copied)", path=path)
     method = config["merge_method"]
     if method not in METHODS:
         raise BlockmergeError(f"mergekit method {method!r} is not supported yet (supported: "
@@ -121,8 +119,10 @@ def read(path: str | os.PathLike) -> MergekitConfig:
     parameters = config.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BlockmergeError("mergekit config: parameters must be a mapping", path=path)
+    tokenizer = config.get("tokenizer_source")
+    tokenizer = tokenizer if tokenizer in (None, "base", "union") else _model_path(tokenizer, where)
     if "slices" in config:
-        return _sliced(config, path, base, parameters, dtype)
+        return _sliced(config, path, base, parameters, dtype, tokenizer)
     entries = config.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise BlockmergeError("mergekit config: models must be a non-empty list", path=path)
@@ -137,7 +137,7 @@ def read(path: str | os.PathLike) -> MergekitConfig:
     if base is not None and base not in models:  # as mergekit does: the base becomes an input with no parameters
         models.append(base)
         own.append({})
-    return MergekitConfig(method, base, models, own, parameters, dtype)
+    return MergekitConfig(method, base, models, own, parameters, dtype, tokenizer)
 
 
 def _dtype(config: dict[str, Any], path: Path) -> str | None:
@@ -182,7 +182,7 @@ class SlicedConfig(MergekitConfig):
 
 
 def _sliced(config: dict[str, Any], path: Path, base: str | None, parameters: dict[str, Any],
-            dtype: str | None) -> SlicedConfig:
+            dtype: str | None, tokenizer: str | None) -> SlicedConfig:
     if config.get("models") is not None:
         raise BlockmergeError("mergekit config: give either models or slices, not both", path=path)
     pieces = config["slices"]
@@ -206,7 +206,7 @@ def _sliced(config: dict[str, Any], path: Path, base: str | None, parameters: di
                                   _model_path(own_base, path.parent) if own_base is not None else None))
     sliced = assemble(slices, parameters, base)
     return SlicedConfig(config["merge_method"], sliced.base, list(sliced.models), [{} for _ in sliced.models],
-                        SliceSettings(sliced), dtype, sliced)
+                        SliceSettings(sliced), dtype, tokenizer, sliced)
 
 
 @dataclass(frozen=True)
@@ -410,6 +410,40 @@ def _element_bytes(cfg: MergekitConfig, translation: Translation) -> int:
     return itemsize(floats[0]) if floats else 4
 
 
+def _directories(cfg: MergekitConfig) -> list[str]:
+    """The model directories a configuration reads (a slice source's own directory)."""
+    if isinstance(cfg, SlicedConfig):
+        return sorted({s.path for piece in cfg.sliced.slices for s in piece.sources})
+    return list(dict.fromkeys([*([cfg.base] if cfg.base else []), *cfg.models]))
+
+
+def vocabulary(directory: str) -> dict[str, int]:
+    """Token -> id of the tokenizer in a model directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True).get_vocab()
+    except (OSError, ValueError) as err:
+        raise BlockmergeError(f"mergekit config: tokenizer_source needs each model's tokenizer "
+                              f"({str(err).splitlines()[0]})", path=directory) from None
+
+
+def tokenizer_files(cfg: MergekitConfig) -> bool | str:
+    """Where the output's tokenizer comes from: True for the base's (or first model's), or a model's directory.
+    `union` and a model are taken where every model has that model's vocabulary (the embeddings need no
+    re-indexing); other vocabularies are refused in one line."""
+    if cfg.tokenizer_source in (None, "base"):
+        return True
+    directories = _directories(cfg)
+    chosen = directories[0] if cfg.tokenizer_source == "union" else cfg.tokenizer_source
+    wanted = vocabulary(chosen)
+    for directory in directories:
+        if directory != chosen and vocabulary(directory) != wanted:
+            raise BlockmergeError(f"tokenizer_source {cfg.tokenizer_source!r}: the models' vocabularies differ, and "
+                                  "aligning embedding rows by token is not supported yet", path=directory)
+    return True if cfg.tokenizer_source == "union" else chosen
+
+
 def card_text(cfg: MergekitConfig, config_text: str) -> str:
     """A README.md for the merged model: how it was made."""
     models = "\n".join(f"- `{getattr(m, 'label', m)}`" for m in cfg.models if m != cfg.base)
@@ -440,10 +474,11 @@ def _merge(cfg: MergekitConfig, config: str | os.PathLike, out: str | os.PathLik
     hyperparameters = dict(translation.hyperparameters)
     if seed is not None and "seed" in {f.name for f in dataclasses.fields(get(translation.method).hyperparameters)}:
         hyperparameters["seed"] = seed
+    tokenizer = tokenizer_files(cfg) if copy_tokenizer else False
     summary = api.merge(translation.method, translation.models, base=translation.base, out=out, format="hf",
                         dtype=cfg.dtype, device=device, overwrite=overwrite, progress=progress,
                         max_shard_size=shard_bytes(out_shard_size, _element_bytes(cfg, translation)),
-                        copy_tokenizer=copy_tokenizer, **hyperparameters)
+                        copy_tokenizer=tokenizer, **hyperparameters)
     if model_card:
         card = Path(out) / "README.md"
         partial = card.with_name(".README.md.partial")

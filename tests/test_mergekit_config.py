@@ -85,7 +85,6 @@ def test_task_arithmetic_and_merge_c_read_the_same_file(llamas, tmp_path):
     ({"merge_method": "frankenstein"}, "mergekit method 'frankenstein' is not supported yet"),
     ({"modules": {"text": {}}}, "mergekit's modules is not supported yet"),
     ({"models": None, "slices": [{"sources": []}]}, "each slice needs a non-empty list of sources"),
-    ({"tokenizer_source": "union"}, "tokenizer_source 'union' is not supported yet"),
     ({"models": [{"model": "org/hub-model"}]}, "no such local model directory (hub models are not downloaded)"),
     ({"models": [{"model": "a+lora"}]}, "a LoRA applied to a model is not supported yet"),
     ({"merge_methd": "linear"}, "unknown mergekit config key 'merge_methd'"),
@@ -212,3 +211,46 @@ def test_slices_merge_with_a_gradient_that_runs_over_each_slice(llamas, tmp_path
     embed = "model.embed_tokens.weight"  # outside the layers: t = 0, the first slice's gradient start
     np.testing.assert_allclose(got[embed].double().numpy(), ((a[embed].double() + b[embed].double()) / 2).numpy(),
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def tokenized(llamas, tmp_path_factory) -> dict[str, Path]:
+    """The Llamas with word-level tokenizers: a, b and base share one vocabulary, `other` has another."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tokenized")
+    out = {}
+    for name, words in (("base", "w"), ("a", "w"), ("b", "w"), ("other", "v")):
+        d = root / name
+        d.mkdir()
+        for f in llamas["b" if name == "other" else name].iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        vocabulary = Tokenizer(WordLevel({f"{words}{i}": i for i in range(32)}, unk_token=f"{words}0"))
+        vocabulary.pre_tokenizer = WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=vocabulary, model_max_length=16 + len(name)).save_pretrained(d)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("source", ["union", "a", "base"])
+def test_tokenizer_source_of_one_shared_vocabulary_takes_that_tokenizer(tokenized, tmp_path, source):
+    config = {"merge_method": "linear", "base_model": str(tokenized["base"]),
+              "tokenizer_source": source if source in ("union", "base") else str(tokenized[source]),
+              "models": [{"model": str(tokenized["a"]), "parameters": {"weight": 0.5}},
+                         {"model": str(tokenized["b"]), "parameters": {"weight": 0.5}},
+                         {"model": str(tokenized["base"]), "parameters": {"weight": 0.0}}]}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 0, output
+    expected = "a" if source == "a" else "base"  # the files carry their directory's model_max_length
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 16 + len(expected)
+
+
+def test_tokenizer_source_over_different_vocabularies_is_refused_in_one_line(tokenized, tmp_path):
+    config = {"merge_method": "linear", "tokenizer_source": "union",
+              "models": [{"model": str(tokenized["a"]), "parameters": {"weight": 0.5}},
+                         {"model": str(tokenized["other"]), "parameters": {"weight": 0.5}}]}
+    code, output, _ = run_config(tmp_path, config)
+    assert code != 0 and "the models' vocabularies differ" in output and len(output.strip().splitlines()) == 1
