@@ -34,7 +34,7 @@ DELTA_STD = 2e-3
 NUM_MODELS = 3
 DETERMINISTIC_BOUND = 1e-4  # worst relative error of a deterministic float32 merge
 KEPT_FRACTION_BOUND = 0.005  # |blockmerge's changed fraction − mergekit's| of a random merge
-FAMILY_VERSION = 1
+FAMILY_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,27 @@ CASES = [
                                             "models": [model("{m0}", weight=0.5), model("{m1}", weight=0.5)]}),
     Case("linear, tokenizer_source a model", {"merge_method": "linear", "tokenizer_source": "{m1}",
                                               "models": [model("{m0}", weight=0.5), model("{m1}", weight=0.5)]}),
+    Case("linear, union of different vocabularies", {"merge_method": "linear", "tokenizer_source": "union", "models": [
+        model("{m0}", weight=0.5), model("{v1}", weight=0.3), model("{v2}", weight=0.2)]}),
+    Case("task_arithmetic, union of different vocabularies", {
+        "merge_method": "task_arithmetic", "base_model": "{base}", "tokenizer_source": "union",
+        "models": [model("{m0}", weight=0.5), model("{v1}", weight=0.3), model("{v2}", weight=0.2)]}),
+    Case("linear, tokenizer: a model's vocabulary, token rules, padding", {
+        "merge_method": "linear", "models": [model("{m0}", weight=0.5), model("{v1}", weight=0.3),
+                                             model("{v2}", weight=0.2)],
+        "tokenizer": {"source": "{v2}", "pad_to_multiple_of": 64, "tokens": {
+            "y3": {"source": "{v1}"}, "w5": {"source": {"kind": "zero"}, "force": True},
+            "x7": {"source": {"kind": "model_token", "model": "{m0}", "token": "w9"}}}}}),
 ]
+# Models of other vocabularies: v1 has m1's weights and the words w128.. plus y0..y127; v2 has m2's weights and
+# the words ..w0 (reversed) plus x0..x127.
+VOCABULARIES = {"v1": ("m1", [f"w{i}" for i in range(128, 512)] + [f"y{i}" for i in range(128)]),
+                "v2": ("m2", [f"w{i}" for i in range(384)][::-1] + [f"x{i}" for i in range(128)])}
 
 
 def build_family(root: Path, dtype: str) -> dict[str, Path]:
-    """base/ and m0..m2/ as Hugging Face directories in `dtype`, with the base's tokenizer; reused when complete."""
+    """base/ and m0..m2/ as Hugging Face directories in `dtype`, with the base's tokenizer, and v1, v2 (weights of
+    m1, m2 with other vocabularies); reused when complete."""
     import torch
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -116,17 +132,21 @@ def build_family(root: Path, dtype: str) -> dict[str, Path]:
     stamp = root / "family.json"
     identity = {"version": FAMILY_VERSION, "dtype": dtype, "delta_std": DELTA_STD}
     dirs = {"base": root / "base", **{f"m{t}": root / f"m{t}" for t in range(NUM_MODELS)}}
+    others = {name: root / name for name in VOCABULARIES}
     if stamp.is_file() and json.loads(stamp.read_text()) == identity:
-        return dirs
+        return {**dirs, **others}
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=64, tie_word_embeddings=False)
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    words = Tokenizer(WordLevel({f"w{i}": i for i in range(config.vocab_size)}, unk_token="w0"))
-    words.pre_tokenizer = WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words)
+    def word_level(words: list[str]) -> Any:
+        model = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+        model.pre_tokenizer = WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=model)
+
+    tokenizer = word_level([f"w{i}" for i in range(config.vocab_size)])
     generator = torch.Generator().manual_seed(1)
     state = {n: t.float() for n, t in base.state_dict().items()}
     for name, d in dirs.items():
@@ -136,8 +156,14 @@ def build_family(root: Path, dtype: str) -> dict[str, Path]:
                     p.copy_(state[n] + DELTA_STD * torch.randn(p.shape, generator=generator))
         base.save_pretrained(d)
         tokenizer.save_pretrained(d)
+    for name, (weights, words) in VOCABULARIES.items():
+        shutil.copytree(dirs[weights], others[name])
+        for f in others[name].iterdir():
+            if "token" in f.name:
+                f.unlink()
+        word_level(words).save_pretrained(others[name])
     stamp.write_text(json.dumps(identity))
-    return dirs
+    return {**dirs, **others}
 
 
 def write_config(case: Case, dirs: dict[str, Path], dtype: str, path: Path) -> Path:
@@ -184,10 +210,44 @@ class Row:
     error: str | None = None
 
 
+def vocabulary(d: Path) -> dict[str, int] | None:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(d).get_vocab() if (d / "tokenizer_config.json").is_file() else None
+
+
+def in_our_order(a: dict[str, Any], b: dict[str, Any], reference: dict[str, Any], ours: Path, theirs: Path,
+                 base: Path | None) -> None:
+    """mergekit's embedding rows put in blockmerge's token order where the two order the same tokens differently
+    (mergekit's union follows the order of a set), and the base's rows in that order where its vocabulary is
+    another (rows of tokens the base lacks: zero)."""
+    import torch
+
+    va, vb = vocabulary(ours), vocabulary(theirs)
+    if va is None or vb is None or set(va) != set(vb):
+        return
+    vbase = vocabulary(base) if base is not None else None
+    for name, x in a.items():
+        if x.dim() != 2 or x.shape[0] < len(va) or name not in b or b[name].shape != x.shape:
+            continue
+        if va != vb:
+            rows = list(range(x.shape[0]))
+            for token, i in va.items():
+                rows[i] = vb[token]
+            b[name] = b[name][rows]
+        if name in reference and vbase is not None and reference[name].shape != x.shape:
+            rebuilt = torch.zeros_like(x)
+            for token, i in va.items():
+                if token in vbase and vbase[token] < reference[name].shape[0]:
+                    rebuilt[i] = reference[name][vbase[token]]
+            reference[name] = rebuilt
+
+
 def compare(row: Row, ours: Path, theirs: Path, base: Path | None) -> None:
     """Fill the row's error (deterministic) or changed fractions and L1 ratio (random) from the two outputs."""
     a, b = load(ours), load(theirs)
     reference = load(base) if base is not None else {}
+    in_our_order(a, b, reference, ours, theirs, base)
     if set(a) != set(b):
         row.status, row.error = "different tensors", f"only blockmerge: {sorted(set(a) - set(b))[:3]}, " \
                                                      f"only mergekit: {sorted(set(b) - set(a))[:3]}"

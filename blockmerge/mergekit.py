@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,26 +14,26 @@ from typing import Any
 
 import yaml
 
-from . import api
+from . import api, mergekit_tokens
 from .engine.job import Summary
 from .engine.sinks import parse_size
 from .engine.sources import open_checkpoint
 from .engine.tensors import itemsize, torch_dtype
 from .errors import BlockmergeError
 from .mergekit_slices import OutputSlice, SlicedModels, Source, assemble
+from .mergekit_tokens import TokenizerSettings
 from .plugins import get
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "slices", "modules", "tokenizer", "chat_template"}
-UNSUPPORTED_KEYS = {"modules": "modules", "tokenizer": "tokenizer:",
-                    "chat_template": "chat_template"}
+UNSUPPORTED_KEYS = {"modules": "modules", "chat_template": "chat_template"}
 DTYPES = {"float32", "float16", "bfloat16"}
 
 
 @dataclass
 class MergekitConfig:
     """A mergekit configuration as read: the method, the base, the models with their own parameters, the global
-    parameters, and the output dtype."""
+    parameters, the output dtype and the tokenizer settings."""
 
     method: str
     base: str | None
@@ -40,7 +41,7 @@ class MergekitConfig:
     model_parameters: list[dict[str, Any]]
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
 
     def per_model(self, name: str, default: Any = None, required: bool = False) -> list[Any]:
         """Each model's value of a per-model parameter: its own, else the global one, else `default`; a list of
@@ -119,8 +120,7 @@ def read(path: str | os.PathLike) -> MergekitConfig:
     parameters = config.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BlockmergeError("mergekit config: parameters must be a mapping", path=path)
-    tokenizer = config.get("tokenizer_source")
-    tokenizer = tokenizer if tokenizer in (None, "base", "union") else _model_path(tokenizer, where)
+    tokenizer = mergekit_tokens.settings(config, lambda ref: _model_path(ref, where))
     if "slices" in config:
         return _sliced(config, path, base, parameters, dtype, tokenizer)
     entries = config.get("models") or []
@@ -182,7 +182,7 @@ class SlicedConfig(MergekitConfig):
 
 
 def _sliced(config: dict[str, Any], path: Path, base: str | None, parameters: dict[str, Any],
-            dtype: str | None, tokenizer: str | None) -> SlicedConfig:
+            dtype: str | None, tokenizer: TokenizerSettings | None) -> SlicedConfig:
     if config.get("models") is not None:
         raise BlockmergeError("mergekit config: give either models or slices, not both", path=path)
     pieces = config["slices"]
@@ -417,31 +417,25 @@ def _directories(cfg: MergekitConfig) -> list[str]:
     return list(dict.fromkeys([*([cfg.base] if cfg.base else []), *cfg.models]))
 
 
-def vocabulary(directory: str) -> dict[str, int]:
-    """Token -> id of the tokenizer in a model directory."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True).get_vocab()
-    except (OSError, ValueError) as err:
-        raise BlockmergeError(f"mergekit config: tokenizer_source needs each model's tokenizer "
-                              f"({str(err).splitlines()[0]})", path=directory) from None
-
-
-def tokenizer_files(cfg: MergekitConfig) -> bool | str:
-    """Where the output's tokenizer comes from: True for the base's (or first model's), or a model's directory.
-    `union` and a model are taken where every model has that model's vocabulary (the embeddings need no
-    re-indexing); other vocabularies are refused in one line."""
-    if cfg.tokenizer_source in (None, "base"):
-        return True
+def _with_tokenizer(cfg: MergekitConfig, translation: Translation, copy_tokenizer: bool, workdir: Path
+                    ) -> tuple[Translation, bool | str]:
+    """The translation's models in the output vocabulary where the tokenizer settings change it, and where the
+    output's tokenizer comes from (True: the files of the base or first model; a directory; False: none)."""
+    setting = cfg.tokenizer
+    if setting is None:
+        return translation, copy_tokenizer
     directories = _directories(cfg)
-    chosen = directories[0] if cfg.tokenizer_source == "union" else cfg.tokenizer_source
-    wanted = vocabulary(chosen)
-    for directory in directories:
-        if directory != chosen and vocabulary(directory) != wanted:
-            raise BlockmergeError(f"tokenizer_source {cfg.tokenizer_source!r}: the models' vocabularies differ, and "
-                                  "aligning embedding rows by token is not supported yet", path=directory)
-    return True if cfg.tokenizer_source == "union" else chosen
+    aligned = mergekit_tokens.align(setting, directories, cfg.base if isinstance(cfg.base, str) else None, workdir)
+    if aligned is None:
+        return translation, True if setting.source in ("base", "union") else setting.source
+    if isinstance(cfg, SlicedConfig):
+        raise BlockmergeError("mergekit config: slices over models of different vocabularies are not supported yet")
+
+    def view(model: Any) -> Any:
+        return aligned.views.get(model, model) if isinstance(model, str) else model
+
+    return dataclasses.replace(translation, models=[view(m) for m in translation.models],
+                               base=view(translation.base)), True
 
 
 def card_text(cfg: MergekitConfig, config_text: str) -> str:
@@ -474,11 +468,13 @@ def _merge(cfg: MergekitConfig, config: str | os.PathLike, out: str | os.PathLik
     hyperparameters = dict(translation.hyperparameters)
     if seed is not None and "seed" in {f.name for f in dataclasses.fields(get(translation.method).hyperparameters)}:
         hyperparameters["seed"] = seed
-    tokenizer = tokenizer_files(cfg) if copy_tokenizer else False
-    summary = api.merge(translation.method, translation.models, base=translation.base, out=out, format="hf",
-                        dtype=cfg.dtype, device=device, overwrite=overwrite, progress=progress,
-                        max_shard_size=shard_bytes(out_shard_size, _element_bytes(cfg, translation)),
-                        copy_tokenizer=tokenizer, **hyperparameters)
+    element_bytes = _element_bytes(cfg, translation)
+    with tempfile.TemporaryDirectory(prefix="blockmerge-tokenizer-") as workdir:
+        translation, tokenizer = _with_tokenizer(cfg, translation, copy_tokenizer, Path(workdir))
+        summary = api.merge(translation.method, translation.models, base=translation.base, out=out, format="hf",
+                            dtype=cfg.dtype, device=device, overwrite=overwrite, progress=progress,
+                            max_shard_size=shard_bytes(out_shard_size, element_bytes),
+                            copy_tokenizer=tokenizer, **hyperparameters)
     if model_card:
         card = Path(out) / "README.md"
         partial = card.with_name(".README.md.partial")

@@ -246,11 +246,3 @@ def test_tokenizer_source_of_one_shared_vocabulary_takes_that_tokenizer(tokenize
     assert code == 0, output
     expected = "a" if source == "a" else "base"  # the files carry their directory's model_max_length
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 16 + len(expected)
-
-
-def test_tokenizer_source_over_different_vocabularies_is_refused_in_one_line(tokenized, tmp_path):
-    config = {"merge_method": "linear", "tokenizer_source": "union",
-              "models": [{"model": str(tokenized["a"]), "parameters": {"weight": 0.5}},
-                         {"model": str(tokenized["other"]), "parameters": {"weight": 0.5}}]}
-    code, output, _ = run_config(tmp_path, config)
-    assert code != 0 and "the models' vocabularies differ" in output and len(output.strip().splitlines()) == 1
