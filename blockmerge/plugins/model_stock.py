@@ -20,11 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import BlockmergeError
 from .base import Block, Method, Needs, docstring_summary, tensor_pass
-from .ops import average, gram_pairs, pair_products
+from .ops import average, gram_matrix, gram_pairs, pair_products
 
 COSINE_FLOOR = 1e-6  # the least product of norms a cosine is divided by
 RATIO = "model_stock.t"  # state: t of each tensor
@@ -42,12 +43,13 @@ def _products(block: Block, hp: ModelStock, state: Mapping[str, Any]) -> torch.T
     return pair_products([m - block.base for m in block.models])
 
 
-def ratio(dots: dict[tuple[int, int], float], count: int) -> float:
-    """t from the task vectors' dot products (keys (k, j), k ≤ j) of `count` models."""
+def ratio(gram: np.ndarray) -> float:
+    """t from the Gram matrix of the task vectors."""
+    count = gram.shape[0]
     cosines = []
     for k, j in itertools.combinations(range(count), 2):
-        norms = math.sqrt(dots[(k, k)]) * math.sqrt(dots[(j, j)])
-        cosines.append(min(1.0, max(-1.0, dots[(k, j)] / max(norms, COSINE_FLOOR))))
+        norms = math.sqrt(gram[k, k]) * math.sqrt(gram[j, j])
+        cosines.append(min(1.0, max(-1.0, gram[k, j] / max(norms, COSINE_FLOOR))))
     c = sum(cosines) / len(cosines)
     denominator = 1.0 + (count - 1) * c
     if denominator == 0.0:
@@ -56,9 +58,8 @@ def ratio(dots: dict[tuple[int, int], float], count: int) -> float:
 
 
 def _finish(sums: list[float], hp: ModelStock, name: str) -> float:
-    count = math.isqrt(8 * len(sums) + 1) // 2  # len(sums) = count (count + 1) / 2
     try:
-        return ratio(dict(zip(gram_pairs(count), sums)), count)
+        return ratio(gram_matrix(sums))
     except ValueError as err:
         raise BlockmergeError(f"model_stock: {err}", param=name) from None
 
