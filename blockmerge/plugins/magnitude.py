@@ -203,9 +203,13 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
     def top_counts(block: Block, hp: Any, state: Mapping[str, Any]):
         counts = torch.zeros(count(block), TOP_BINS + 1, dtype=torch.int64, device=block.base.device)
         for bits in _slices(block, magnitudes, block_magnitudes):
-            for row, b in zip(counts, bits):
-                row[TOP_BINS] += (b == 0).sum()
-                row[:TOP_BINS] += torch.bincount(b.bitwise_right_shift(16), minlength=TOP_BINS)
+            for t, b in enumerate(bits):
+                same = next((k for k in range(t) if bits[k] is b), None)  # one value set given for several bands
+                if same is not None:
+                    counts[t] = counts[same]
+                    continue
+                counts[t, TOP_BINS] += (b == 0).sum()
+                counts[t, :TOP_BINS] += torch.bincount(b.bitwise_right_shift(16), minlength=TOP_BINS)
         return counts.cpu(), bands_of(hp)
 
     def find_ends(acc, hp: Any, state: Mapping[str, Any]) -> dict:
