@@ -17,7 +17,7 @@ import yaml
 from . import api, mergekit_tokens
 from .engine.job import Summary
 from .engine.sinks import parse_size
-from .engine.sources import open_checkpoint
+from .engine.sources import is_tokenizer_file, open_checkpoint
 from .engine.tensors import itemsize, torch_dtype
 from .errors import BlockmergeError
 from .mergekit_slices import OutputSlice, SlicedModels, Source, assemble
@@ -26,7 +26,7 @@ from .plugins import get
 
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "slices", "modules", "tokenizer", "chat_template"}
-UNSUPPORTED_KEYS = {"modules": "modules", "chat_template": "chat_template"}
+UNSUPPORTED_KEYS = {"modules": "modules"}
 DTYPES = {"float32", "float16", "bfloat16"}
 
 
@@ -42,6 +42,7 @@ class MergekitConfig:
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None
 
     def per_model(self, name: str, default: Any = None, required: bool = False) -> list[Any]:
         """Each model's value of a per-model parameter: its own, else the global one, else `default`; a list of
@@ -121,8 +122,11 @@ def read(path: str | os.PathLike) -> MergekitConfig:
     if not isinstance(parameters, dict):
         raise BlockmergeError("mergekit config: parameters must be a mapping", path=path)
     tokenizer = mergekit_tokens.settings(config, lambda ref: _model_path(ref, where))
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise BlockmergeError(f"mergekit config: chat_template must be a text, got {template!r}", path=path)
     if "slices" in config:
-        return _sliced(config, path, base, parameters, dtype, tokenizer)
+        return dataclasses.replace(_sliced(config, path, base, parameters, dtype, tokenizer), chat_template=template)
     entries = config.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise BlockmergeError("mergekit config: models must be a non-empty list", path=path)
@@ -137,7 +141,7 @@ def read(path: str | os.PathLike) -> MergekitConfig:
     if base is not None and base not in models:  # as mergekit does: the base becomes an input with no parameters
         models.append(base)
         own.append({})
-    return MergekitConfig(method, base, models, own, parameters, dtype, tokenizer)
+    return MergekitConfig(method, base, models, own, parameters, dtype, tokenizer, template)
 
 
 def _dtype(config: dict[str, Any], path: Path) -> str | None:
@@ -206,7 +210,7 @@ def _sliced(config: dict[str, Any], path: Path, base: str | None, parameters: di
                                   _model_path(own_base, path.parent) if own_base is not None else None))
     sliced = assemble(slices, parameters, base)
     return SlicedConfig(config["merge_method"], sliced.base, list(sliced.models), [{} for _ in sliced.models],
-                        SliceSettings(sliced), dtype, tokenizer, sliced)
+                        SliceSettings(sliced), dtype, tokenizer, sliced=sliced)
 
 
 @dataclass(frozen=True)
@@ -435,7 +439,23 @@ def _with_tokenizer(cfg: MergekitConfig, translation: Translation, copy_tokenize
         return aligned.views.get(model, model) if isinstance(model, str) else model
 
     return dataclasses.replace(translation, models=[view(m) for m in translation.models],
-                               base=view(translation.base)), True
+                               base=view(translation.base)), str(workdir)
+
+
+def _with_chat_template(cfg: MergekitConfig, translation: Translation, tokenizer: bool | str, workdir: Path
+                        ) -> bool | str:
+    """Where the output's tokenizer comes from once the configuration's chat template is set in it."""
+    if cfg.chat_template is None or tokenizer is False:
+        return tokenizer
+    if isinstance(tokenizer, str):
+        donor = tokenizer
+    else:
+        first = translation.base or translation.models[0]
+        donor = first if isinstance(first, str) else next(
+            (str(f.parent) for f in first.files if is_tokenizer_file(f)), None)
+    if donor is None:
+        return tokenizer
+    return mergekit_tokens.with_chat_template(donor, cfg.chat_template, _directories(cfg), workdir / "chat")
 
 
 def card_text(cfg: MergekitConfig, config_text: str) -> str:
@@ -471,6 +491,7 @@ def _merge(cfg: MergekitConfig, config: str | os.PathLike, out: str | os.PathLik
     element_bytes = _element_bytes(cfg, translation)
     with tempfile.TemporaryDirectory(prefix="blockmerge-tokenizer-") as workdir:
         translation, tokenizer = _with_tokenizer(cfg, translation, copy_tokenizer, Path(workdir))
+        tokenizer = _with_chat_template(cfg, translation, tokenizer, Path(workdir))
         summary = api.merge(translation.method, translation.models, base=translation.base, out=out, format="hf",
                             dtype=cfg.dtype, device=device, overwrite=overwrite, progress=progress,
                             max_shard_size=shard_bytes(out_shard_size, element_bytes),

@@ -290,3 +290,33 @@ def _output_files(first: str, tokenizer: Any, size: int, workdir: Path) -> list[
             shutil.copyfile(f, workdir / f.name)
     tokenizer.save_pretrained(workdir)
     return sorted(f for f in workdir.iterdir() if f.is_file())
+
+
+NAMED_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def with_chat_template(donor: str, template: str, directories: list[str], workdir: Path) -> str:
+    """A directory holding the tokenizer of `donor` with the chat template set: `auto` (the template most of the
+    models' tokenizers have, the first of equals in the configuration's order; none: left as it is) or a Jinja
+    template's text."""
+    from transformers import AutoTokenizer
+
+    if template in NAMED_TEMPLATES:
+        raise BlockmergeError(f"mergekit config: chat_template {template!r}: mergekit's named templates are not "
+                              "supported yet (give the template's text, or auto)")
+    if template == "auto":
+        found = [t.strip() for t in (_chat_template(d) for d in directories) if t]
+        if not found:
+            return donor
+        template = max(found, key=found.count)
+    elif len(template) < 20 or "{" not in template:
+        raise BlockmergeError(f"mergekit config: chat_template {template!r} is not a Jinja template")
+    tokenizer = AutoTokenizer.from_pretrained(donor, local_files_only=True)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(workdir)
+    return str(workdir)
+
+
+def _chat_template(directory: str) -> str | None:
+    template = vocabulary(directory).tokenizer.chat_template
+    return template.get("default") if isinstance(template, dict) else template

@@ -218,3 +218,49 @@ def test_gathered_rows_read_in_any_blocks_equal_the_whole_gathering(data):
     bounds = [0, *cuts, rows]
     got = torch.cat([view.read("e", lo, hi) for lo, hi in zip(bounds, bounds[1:])])
     np.testing.assert_allclose(got.double().numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+TEMPLATE_A = "{% for m in messages %}A: {{ m['content'] }}\n{% endfor %}"
+TEMPLATE_B = "{% for m in messages %}B: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def chatty(family, tmp_path_factory) -> dict[str, Path]:
+    """base and a with chat template A, b with B (one shared vocabulary: base's)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("chat")
+    out = {}
+    for name, template in (("base", TEMPLATE_A), ("a", TEMPLATE_A), ("b", TEMPLATE_B)):
+        d = root / name
+        d.mkdir()
+        for f in family["a" if name == "b" else name].iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        tokenizer = AutoTokenizer.from_pretrained(d)
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(d)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("template, expected", [("auto", TEMPLATE_A), (TEMPLATE_B, TEMPLATE_B)])
+def test_chat_template_auto_takes_the_most_common_and_a_text_is_set_as_given(chatty, tmp_path, template, expected):
+    from transformers import AutoTokenizer
+
+    config = {"merge_method": "linear", "chat_template": template,
+              "models": [{"model": str(chatty[m]), "parameters": {"weight": 1.0}} for m in ("b", "a", "base")]}
+    code, output, out = run_config(tmp_path, config)
+    assert code == 0, output
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == expected
+    said = tokenizer.apply_chat_template([{"role": "user", "content": "w3"}], tokenize=False)
+    assert said == ("A: w3\n" if expected == TEMPLATE_A else "B: w3\n")
+
+
+@pytest.mark.parametrize("template, message", [("chatml", "named templates are not supported yet"),
+                                               ("hello", "is not a Jinja template")])
+def test_a_chat_template_blockmerge_cannot_set_is_one_line(chatty, tmp_path, template, message):
+    config = {"merge_method": "linear", "chat_template": template,
+              "models": [{"model": str(chatty[m]), "parameters": {"weight": 1.0}} for m in ("a", "b")]}
+    code, output, _ = run_config(tmp_path, config)
+    assert code != 0 and message in output and len(output.strip().splitlines()) == 1, output
