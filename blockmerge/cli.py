@@ -211,9 +211,19 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, bl
     if config and _is_mergekit(config):
         if not out:
             raise BlockmergeError("a mergekit config gives no output: pass --out")
+        ignored = {"--method": method, "--base": base, "--model": models, "--stats": stats, "--base-stats": base_stats,
+                   "--set": sets, "--format": format, "--dtype": dtype, "--codec": codec, "--repo": repo,
+                   "--commit": commit}
+        for flag, value in ignored.items():
+            if value:
+                raise BlockmergeError(f"{flag} does not apply to a mergekit config (the config says what it merges, "
+                                      "how, and in which dtype)", path=config)
+        engine = {"block_size": block_size, "compute_dtype": compute_dtype, "executor": executor,
+                  "scheduler": scheduler, "resume": resume}
         summary = mergekit.merge(config, out, device=device or "cpu",
                                  out_shard_size=parse_size(max_shard_size or "5GiB", "max_shard_size"),
-                                 overwrite=overwrite, progress=show_progress(quiet))
+                                 overwrite=overwrite, progress=show_progress(quiet),
+                                 **{k: v for k, v in engine.items() if v is not None})
         if not quiet:
             print_summary([summary])
         return

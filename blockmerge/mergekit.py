@@ -468,14 +468,15 @@ def card_text(cfg: MergekitConfig, config_text: str) -> str:
 
 def merge(config: str | os.PathLike, out: str | os.PathLike, *, device: str = "cpu", out_shard_size: str | int = "5B",
           copy_tokenizer: bool = True, seed: int | None = None, model_card: bool = False, overwrite: bool = False,
-          progress: bool = False) -> Summary:
+          progress: bool = False, **engine: Any) -> Summary:
     """Merge as the mergekit configuration at `config` says, into the Hugging Face directory `out`: shards of
     `out_shard_size` (bytes, or a text in mergekit's units: see `shard_bytes`); `seed` seeds the random methods;
-    `model_card` writes a README.md."""
+    `model_card` writes a README.md; `engine`: options of `blockmerge.merge` that do not change the result
+    (`block_size`, `executor`, `scheduler`, `resume`, `compute_dtype`)."""
     cfg = read(config)
     try:
         return _merge(cfg, config, out, device=device, out_shard_size=out_shard_size, copy_tokenizer=copy_tokenizer,
-                      seed=seed, model_card=model_card, overwrite=overwrite, progress=progress)
+                      seed=seed, model_card=model_card, overwrite=overwrite, progress=progress, engine=engine)
     finally:
         if isinstance(cfg, SlicedConfig):
             cfg.sliced.workdir.cleanup()
@@ -483,7 +484,7 @@ def merge(config: str | os.PathLike, out: str | os.PathLike, *, device: str = "c
 
 def _merge(cfg: MergekitConfig, config: str | os.PathLike, out: str | os.PathLike, *, device: str,
            out_shard_size: str | int, copy_tokenizer: bool, seed: int | None, model_card: bool, overwrite: bool,
-           progress: bool) -> Summary:
+           progress: bool, engine: dict[str, Any]) -> Summary:
     translation = METHODS[cfg.method](cfg)
     hyperparameters = dict(translation.hyperparameters)
     if seed is not None and "seed" in {f.name for f in dataclasses.fields(get(translation.method).hyperparameters)}:
@@ -495,7 +496,7 @@ def _merge(cfg: MergekitConfig, config: str | os.PathLike, out: str | os.PathLik
         summary = api.merge(translation.method, translation.models, base=translation.base, out=out, format="hf",
                             dtype=cfg.dtype, device=device, overwrite=overwrite, progress=progress,
                             max_shard_size=shard_bytes(out_shard_size, element_bytes),
-                            copy_tokenizer=tokenizer, **hyperparameters)
+                            copy_tokenizer=tokenizer, **engine, **hyperparameters)
     if model_card:
         card = Path(out) / "README.md"
         partial = card.with_name(".README.md.partial")

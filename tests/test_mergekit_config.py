@@ -246,3 +246,38 @@ def test_tokenizer_source_of_one_shared_vocabulary_takes_that_tokenizer(tokenize
     assert code == 0, output
     expected = "a" if source == "a" else "base"  # the files carry their directory's model_max_length
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 16 + len(expected)
+
+
+def test_merge_c_runs_a_mergekit_config_on_dask_with_the_local_bytes(llamas, tmp_path, cluster):
+    c, _ = cluster
+    config = tmp_path / "ties.yml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(llamas["base"]), "dtype": "float32",
+        "models": [{"model": str(llamas[m]), "parameters": {"weight": 1.0, "density": 0.3}} for m in ("a", "b")]}))
+    outs = {}
+    for executor in ("local", "dask"):
+        outs[executor] = tmp_path / executor
+        remote = ["--executor", "dask", "--scheduler", c.scheduler_address] if executor == "dask" else []
+        result = CliRunner().invoke(main, ["merge", "-c", str(config), "--out", str(outs[executor]), "-q",
+                                           "--block-size", "4KiB", *remote])
+        assert result.exit_code == 0, result.output
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):  # the flags reach the executor
+        result = CliRunner().invoke(main, ["merge", "-c", str(config), "--out", str(tmp_path / "nowhere"),
+                                           "--executor", "dask", "--scheduler", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 2 and "cannot reach the Dask scheduler" in result.output
+    local, remote = merged_tensors(outs["local"]), merged_tensors(outs["dask"])
+    assert local.keys() == remote.keys()
+    for name in local:
+        assert torch.equal(local[name], remote[name]), name
+
+
+@pytest.mark.parametrize("flag", [["--method", "ties"], ["--set", "density=0.5"], ["--dtype", "float16"]])
+def test_merge_c_refuses_flags_a_mergekit_config_decides_in_one_line(llamas, tmp_path, flag):
+    config = tmp_path / "linear.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(llamas[m]), "parameters": {"weight": 1.0}} for m in ("a", "b")]}))
+    result = CliRunner().invoke(main, ["merge", "-c", str(config), "--out", str(tmp_path / "out"), *flag])
+    assert result.exit_code != 0 and "does not apply to a mergekit config" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
