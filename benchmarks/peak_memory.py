@@ -8,6 +8,13 @@ Summary blockmerge returns. Results go to benchmarks/results/peak_memory.{md,jso
 
     python benchmarks/peak_memory.py --sizes 0.5 1 --models 4 --methods average task_arithmetic dare ties
 
+Any registered method that reads no statistics can be named; each merges as many of the N fine-tunes
+as it takes (slerp and nuslerp 2, nearswap, arcee_fusion and passthrough 1) and reads the base only
+where it needs one (the table's `models` column). `--methods mergekit` runs the methods that merge
+like mergekit's (`MERGEKIT_METHODS`, blockmerge's names):
+
+    python benchmarks/peak_memory.py --sizes 0.5 1 --models 4 --methods mergekit
+
 The two targets checked (reported, never asserted): at the largest size every method's RSS delta
 is below 25% of one model's size, and the delta at size S is within 20% of the delta at S/2.
 
@@ -52,6 +59,11 @@ RESULT_PREFIX = "BENCH-RESULT "
 FAMILY_VERSION = 1
 STATISTICS_VERSION = 1
 DEFAULT_METHODS = ["average", "task_arithmetic", "dare", "ties"]
+# blockmerge's methods that merge as mergekit's do (`--methods mergekit`): linear (mergekit's linear), task_arithmetic,
+# ties, dare (dare_linear, dare_ties), breadcrumbs (and breadcrumbs_ties), della (and della_linear), sce, model_stock,
+# nearswap, slerp, nuslerp, multislerp, karcher, arcee_fusion, passthrough, ram (ram, ramplus_tl).
+MERGEKIT_METHODS = ["linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "della", "sce", "model_stock",
+                    "nearswap", "slerp", "nuslerp", "multislerp", "karcher", "arcee_fusion", "passthrough", "ram"]
 STATISTIC_METHODS = ["fisher", "regmean", "mats", "ubgm"]
 REFERENCE_METHOD = "average"  # the same models merged without statistics
 STATISTICS_SIZES = [0.125, 0.25]
@@ -386,6 +398,26 @@ def method_inputs(method: str, hyperparameters: dict[str, Any], family: Family, 
             "bound_bytes": bound + BOUND_SLACK if bound_tensor else None, "bound_tensor": bound_tensor}
 
 
+def merge_plan(method: str, hyperparameters: dict[str, Any], n_models: int) -> dict[str, Any]:
+    """How a method is run on a base + `n_models` fine-tunes, as its plugin declares: the number of fine-tunes it
+    merges (all, or the most it takes), whether it reads the base and whether it reads statistics.
+
+    The base is passed only where the method reads it: a merge that needs none accepts one, but then only
+    checks it against the models and copies the tensors it does not merge (integer buffers) from it."""
+    from blockmerge.plugins import get
+    from blockmerge.plugins.base import parse_hyperparameters
+
+    plugin = get(method)
+    hp, _ = parse_hyperparameters(plugin, hyperparameters)
+    needs = plugin.needs(hp)
+    least, most = plugin.model_count
+    merged = n_models if most is None else min(n_models, most)
+    if merged < least:
+        raise SystemExit(f"--methods {method} merges at least {least} models: use --models {least} or more")
+    return {"models": merged, "base": needs.base or bool(needs.base_statistics),
+            "statistics": bool(needs.statistics or needs.one_of_statistics or needs.base_statistics)}
+
+
 # --------------------------------------------------------------------------------------------- page cache and disk
 
 
@@ -625,14 +657,20 @@ def check_targets(rows: list[dict[str, Any]], methods: list[str], sizes: list[fl
     return lines
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def models_cell(r: dict[str, Any], n_models: int) -> str:
+    """Fine-tunes merged, `+ base` where the base was read (rows of older reports: every fine-tune and the base)."""
+    return f"{r.get('models_merged', n_models)}{' + base' if r.get('base_read', True) else ''}"
+
+
+def markdown_table(rows: list[dict[str, Any]], n_models: int) -> str:
     """One row per size × method."""
-    head = ["size GiB", "method", "wall s", "I/O floor s", "wall/floor", "peak RSS MiB", "idle MiB", "delta MiB",
-            "delta % model", "anon/file MiB", "wait4 maxrss MiB", "read/written MiB", "blocks", "passes"]
+    head = ["size GiB", "method", "models", "wall s", "I/O floor s", "wall/floor", "peak RSS MiB", "idle MiB",
+            "delta MiB", "delta % model", "anon/file MiB", "wait4 maxrss MiB", "read/written MiB", "blocks", "passes"]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i != 1 else ":---" for i in range(len(head))) + "|"]
     for r in rows:
         s = r["summary"]
-        cells = [f"{r['size_gib']:g}", r["method"], f"{r['wall_s']:.1f}", f"{r['io_floor_s']:.1f}",
+        cells = [f"{r['size_gib']:g}", r["method"], models_cell(r, n_models), f"{r['wall_s']:.1f}",
+                 f"{r['io_floor_s']:.1f}",
                  f"{r['wall_s'] / r['io_floor_s']:.2f}", f"{r['vmhwm_bytes'] / MiB:.0f}",
                  f"{r['idle_rss_bytes'] / MiB:.0f}", f"{r['delta_bytes'] / MiB:.0f}",
                  f"{100 * r['delta_bytes'] / r['model_bytes']:.1f}",
@@ -702,7 +740,9 @@ def plot(rows: list[dict[str, Any]], methods: list[str], sizes: list[float], pat
     import matplotlib.pyplot as plt
 
     by = {(r["size_gib"], r["method"]): r for r in rows}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.2))
+    many = len(methods) > 6  # one panel above the other, as wide as the methods need
+    fig, (ax1, ax2) = (plt.subplots(2, 1, figsize=(max(14.0, 0.45 * len(methods) * len(sizes) + 2), 10.5)) if many
+                       else plt.subplots(1, 2, figsize=(14, 5.2)))
     width = 0.8 / max(1, len(sizes))
     xs = range(len(methods))
     for j, size in enumerate(sizes):
@@ -719,7 +759,11 @@ def plot(rows: list[dict[str, Any]], methods: list[str], sizes: list[float], pat
         if model and not bounds:
             ax1.axhline(0.25 * model / MiB, color=bars.patches[0].get_facecolor(), ls="--", lw=1,
                         label=f"25% of a {size:g} GiB model")
-    ax1.set_xticks(list(xs), methods)
+    merged = {m: next((models_cell(r, 0) for r in rows if r["method"] == m and "models_merged" in r), None)
+              for m in methods}
+    ax1.set_xticks(list(xs), [f"{m} ({merged[m]})" if merged[m] else m for m in methods],
+                   **({"rotation": 30, "ha": "right", "fontsize": 8} if many else {}))
+    ax1.set_xlabel("method (fine-tunes merged)", fontsize=8)
     ax1.set_ylabel("peak RSS above idle (MiB)")
     ax1.set_title("Memory: VmHWM − idle RSS of the merge process")
     ax1.legend(fontsize=7)
@@ -785,7 +829,8 @@ Machine: {m['cpu']}, {m['nproc']} cores, {m['ram_bytes'] / GiB:.1f} GiB RAM, Lin
 Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads).
 
 Merges: blockmerge at commit {m.get('blockmerge_commit', 'unknown')}, block budget \
-{report['block_bytes'] / MiB:.0f} MiB, {report['n_models']} fine-tunes + base, inputs' page cache \
+{report['block_bytes'] / MiB:.0f} MiB, {report['n_models']} fine-tunes + base generated (each method merges as \
+many as it takes and reads the base only where it needs one: column *models*), inputs' page cache \
 {'kept (warm)' if report['warm'] else 'dropped before each merge'}{env_note}.
 
 Disk: sequential read {rd['bytes_per_s'] / MiB:.0f} MiB/s ({'cold' if rd['looks_cold'] else 'NOT cold'}: \
@@ -797,7 +842,7 @@ I/O floor = bytes read / read throughput + bytes written / write throughput.
 Models (float32, Llama-shaped, fine-tune = base + N(0, {NOISE_STD:g}²)):
 {fams}
 
-{statistics_table(report['rows']) if statistics else markdown_table(report['rows'])}
+{statistics_table(report['rows']) if statistics else markdown_table(report['rows'], report['n_models'])}
 
 {legend}- peak RSS = the child's VmHWM at the end, reset to the post-import RSS via /proc/self/clear_refs \
 ({'done' if all(r['hwm_reset'] for r in report['rows']) else 'NOT available: includes the import'}); \
@@ -828,9 +873,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=float, nargs="+", default=None,
                    help=f"model sizes in GiB (default: 0.5 1; with --statistics {' '.join(map(str, STATISTICS_SIZES))}"
                         ")")
-    p.add_argument("--models", type=int, default=4, help="fine-tunes merged (plus a base)")
+    p.add_argument("--models", type=int, default=4,
+                   help="fine-tunes generated (plus a base); a method merges as many as it takes")
     p.add_argument("--methods", nargs="+", default=None,
-                   help=f"default: {' '.join(DEFAULT_METHODS)}; with --statistics {' '.join(STATISTIC_METHODS)} "
+                   help=f"any registered method (`blockmerge methods`), or `mergekit` for "
+                        f"{' '.join(MERGEKIT_METHODS)}; "
+                        f"default: {' '.join(DEFAULT_METHODS)}; with --statistics {' '.join(STATISTIC_METHODS)} "
                         f"(plus {REFERENCE_METHOD}, always run as the reference)")
     p.add_argument("--statistics", action="store_true",
                    help="generate statistics stores and measure the statistic methods "
@@ -854,6 +902,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--notes", type=Path, help="text file of findings (one per line) added to the report's Notes")
     p.add_argument("--child", metavar="SPEC_JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.methods is not None:
+        args.methods = list(dict.fromkeys(name for m in args.methods
+                                          for name in (MERGEKIT_METHODS if m == "mergekit" else [m])))
     if args.methods is None:
         args.methods = [REFERENCE_METHOD, *STATISTIC_METHODS] if args.statistics else DEFAULT_METHODS
     elif args.statistics and REFERENCE_METHOD not in args.methods:
@@ -887,6 +938,15 @@ def main(argv: list[str] | None = None) -> None:
         methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
         print(write_reports(args.results, report, methods, sorted({r["size_gib"] for r in report["rows"]})))
         return
+    from blockmerge.errors import BlockmergeError
+
+    try:
+        plans = {m: merge_plan(m, hyperparameters_of(m, args), args.models) for m in args.methods}
+    except BlockmergeError as err:
+        raise SystemExit(f"--methods: {err}") from None
+    reading = [m for m, plan in plans.items() if plan["statistics"]]
+    if reading and not args.statistics:
+        raise SystemExit(f"--methods {reading[0]} reads statistics: add --statistics")
     workdir = args.workdir.resolve()
     repo = Path(__file__).resolve().parents[1]
     if workdir == repo or repo in workdir.parents:
@@ -933,16 +993,18 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             out = family_folder(workdir, fam) / f"out-{method}.safetensors"
             hyperparameters = hyperparameters_of(method, args)
-            spec = {"method": method, "models": [str(p) for p in models], "base": str(base), "out": str(out),
-                    "block_size": args.block_size, "hyperparameters": hyperparameters}
-            inputs = [base, *models]
+            plan = plans[method]
+            merged = models[:plan["models"]]
+            spec = {"method": method, "models": [str(p) for p in merged], "base": str(base) if plan["base"] else None,
+                    "out": str(out), "block_size": args.block_size, "hyperparameters": hyperparameters}
+            inputs = [base, *merged] if plan["base"] else merged
             stores = []
             if args.statistics:
-                described = method_inputs(method, hyperparameters, fam, args.models)
+                described = method_inputs(method, hyperparameters, fam, plan["models"])
                 base_stats, model_stats, _ = stat_paths[size]
                 if described["statistics"]:
-                    spec["stats"] = [str(p) for p in model_stats]
-                    stores += model_stats
+                    spec["stats"] = [str(p) for p in model_stats[:plan["models"]]]
+                    stores += model_stats[:plan["models"]]
                 if described["base_statistics"]:
                     spec["base_stats"] = str(base_stats)
                     stores.append(base_stats)
@@ -950,12 +1012,14 @@ def main(argv: list[str] | None = None) -> None:
                 for p in [*inputs, *(f for store in stores for f in store.rglob("*") if f.is_file())]:
                     drop_cache(p)
             resident = [resident_fraction(p) for p in inputs]
-            print(f"merge {method} at {size:g} GiB ...", flush=True)
+            print(f"merge {method} of {plan['models']} fine-tunes{' and the base' if plan['base'] else ''} at "
+                  f"{size:g} GiB ...", flush=True)
             r = run_child(spec, child_env)
             s = r["summary"]
             r["size_gib"] = size
             r["model_bytes"] = fam.nbytes()
             r["hyperparameters"] = hyperparameters
+            r["models_merged"], r["base_read"] = plan["models"], plan["base"]
             if args.statistics:
                 r["inputs"] = described
                 r["bound_bytes"], r["bound_tensor"] = described["bound_bytes"], described["bound_tensor"]
