@@ -238,12 +238,12 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
         ends = state["ends"][group_of(block, mode)]
         counts = torch.zeros(count(block), 2, LOW_BINS, dtype=torch.int64, device=block.base.device)
         for bits in _slices(block, magnitudes, block_magnitudes):
+            tops: dict[int, torch.Tensor] = {}
             for rows, b, found in zip(counts, bits, ends):
+                if found:
+                    top_bits = tops.setdefault(id(b), b.bitwise_right_shift(16))
                 for row, (_, _, top, _, _, _) in zip(rows, found or ()):
-                    # low 16 bits of the values in the top bin, shifted by one; every other value lands in
-                    # bin 0 or LOW_BINS + 1, which are dropped
-                    low = b.sub(top << 16).clamp_(-1, LOW_BINS).add_(1)
-                    row += torch.bincount(low, minlength=LOW_BINS + 2)[1:LOW_BINS + 1]
+                    row += torch.bincount(b[top_bits == top].bitwise_and_(LOW_BINS - 1), minlength=LOW_BINS)
         return counts.cpu(), None
 
     def find_cuts(acc, hp: Any, state: Mapping[str, Any]) -> dict:
