@@ -264,3 +264,17 @@ def test_a_chat_template_blockmerge_cannot_set_is_one_line(chatty, tmp_path, tem
               "models": [{"model": str(chatty[m]), "parameters": {"weight": 1.0}} for m in ("a", "b")]}
     code, output, _ = run_config(tmp_path, config)
     assert code != 0 and message in output and len(output.strip().splitlines()) == 1, output
+
+
+def test_aligned_vocabularies_on_dask_are_refused_in_one_line_before_any_output(family, tmp_path, cluster):
+    from click.testing import CliRunner
+
+    from blockmerge.cli import main
+
+    config = tmp_path / "union.yml"
+    config.write_text(json.dumps({"merge_method": "linear", "tokenizer_source": "union", "models": [
+        {"model": str(family[m]), "parameters": {"weight": 0.5}} for m in ("a", "b")]}))
+    result = CliRunner().invoke(main, ["merge", "-c", str(config), "--out", str(tmp_path / "out"),
+                                       "--executor", "dask", "--scheduler", cluster[0].scheduler_address])
+    assert result.exit_code != 0 and "assembled from other checkpoints" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -71,6 +71,10 @@ def _stamp(ckpt: Checkpoint) -> tuple[tuple[int, int], ...]:
 
 
 def _reopen(ckpt: Checkpoint, kind: str) -> _Reopen:
+    if ckpt.assembled:
+        raise BlockmergeError("assembled from other checkpoints (mergekit slices, or embeddings put in another "
+                              "vocabulary's order): the dask executor reopens inputs from their files; merge it "
+                              "with the local executor", path=ckpt.label)
     path = os.path.abspath(ckpt.label)
     if not ckpt.paths() or not os.path.exists(path):
         raise BlockmergeError("not a file: the dask executor reads inputs from files every worker sees "

@@ -40,6 +40,8 @@ class GatheredCheckpoint(Checkpoint):
     """`source` with the tensors of `gathered` rebuilt from rows of other checkpoints; `files` as its other
     files."""
 
+    assembled = True
+
     def __init__(self, source: Checkpoint, gathered: Mapping[str, GatheredRows], label: str, files: list[Path]):
         self.label = label
         self.source = source

@@ -36,6 +36,7 @@ class Checkpoint:
     label: str
     specs: dict[str, TensorSpec]
     files: list[Path] = []
+    assembled = False  # True for a view built from other checkpoints: its label names no file that holds it
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
@@ -94,6 +95,8 @@ def _spec_of(t: torch.Tensor, label: str, name: str) -> TensorSpec:
 class RenamedCheckpoint(Checkpoint):
     """Tensors of other checkpoints under new names (`parts`: new name -> (checkpoint, its name)), with `files` as
     the checkpoint's other files: a model assembled from layers of others."""
+
+    assembled = True
 
     def __init__(self, parts: Mapping[str, tuple[Checkpoint, str]], label: str, files: list[Path] | None = None):
         self.label = label
