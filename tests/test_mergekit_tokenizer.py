@@ -266,15 +266,27 @@ def test_a_chat_template_blockmerge_cannot_set_is_one_line(chatty, tmp_path, tem
     assert code != 0 and message in output and len(output.strip().splitlines()) == 1, output
 
 
-def test_aligned_vocabularies_on_dask_are_refused_in_one_line_before_any_output(family, tmp_path, cluster):
+@pytest.mark.parametrize("config", [
+    {"merge_method": "linear", "tokenizer": {"source": "union", "pad_to_multiple_of": 16},
+     "models": [{"model": "{a}", "parameters": {"weight": 0.5}}, {"model": "{b}", "parameters": {"weight": 0.5}}]},
+    {"merge_method": "passthrough", "slices": [{"sources": [{"model": "{a}", "layer_range": [0, 1]}]},
+                                              {"sources": [{"model": "{b}", "layer_range": [0, 2]}]}]},
+], ids=["aligned vocabularies", "slices"])
+def test_assembled_inputs_merge_on_dask_to_the_local_bytes(family, tmp_path, cluster, config):
     from click.testing import CliRunner
 
     from blockmerge.cli import main
 
-    config = tmp_path / "union.yml"
-    config.write_text(json.dumps({"merge_method": "linear", "tokenizer_source": "union", "models": [
-        {"model": str(family[m]), "parameters": {"weight": 0.5}} for m in ("a", "b")]}))
-    result = CliRunner().invoke(main, ["merge", "-c", str(config), "--out", str(tmp_path / "out"),
-                                       "--executor", "dask", "--scheduler", cluster[0].scheduler_address])
-    assert result.exit_code != 0 and "assembled from other checkpoints" in result.output, result.output
-    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    path = tmp_path / "config.yml"
+    path.write_text(json.dumps(config).replace("{a}", str(family["a"])).replace("{b}", str(family["b"])))
+    outs = {}
+    for executor in ("local", "dask"):
+        outs[executor] = tmp_path / executor
+        remote = ["--executor", "dask", "--scheduler", cluster[0].scheduler_address] if executor == "dask" else []
+        result = CliRunner().invoke(main, ["merge", "-c", str(path), "--out", str(outs[executor]), "-q",
+                                           "--block-size", "2KiB", *remote])
+        assert result.exit_code == 0, result.output
+    local, remote = merged_tensors(outs["local"]), merged_tensors(outs["dask"])
+    assert local.keys() == remote.keys()
+    for name in local:
+        assert torch.equal(local[name], remote[name]), name

@@ -70,11 +70,28 @@ def _stamp(ckpt: Checkpoint) -> tuple[tuple[int, int], ...]:
     return tuple(sorted((os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in ckpt.paths()))
 
 
-def _reopen(ckpt: Checkpoint, kind: str) -> _Reopen:
+class _Stand(Checkpoint):
+    """A checkpoint's label and specs in place of the checkpoint, in a view shipped to a worker."""
+
+    def __init__(self, label: str, specs: dict[str, TensorSpec]):
+        self.label, self.specs = label, specs
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReopenView:
+    """How a worker opens an assembled view again: the view over stand-ins, and how to reopen its inputs."""
+
+    view: Checkpoint
+    inputs: list[Any]
+
+    def open(self) -> Checkpoint:
+        return self.view.over([r.open() for r in self.inputs])
+
+
+def _reopen(ckpt: Checkpoint, kind: str) -> _Reopen | _ReopenView:
     if ckpt.assembled:
-        raise BlockmergeError("assembled from other checkpoints (mergekit slices, or embeddings put in another "
-                              "vocabulary's order): the dask executor reopens inputs from their files; merge it "
-                              "with the local executor", path=ckpt.label)
+        inputs = ckpt.inputs()
+        return _ReopenView(ckpt.over([_Stand(c.label, c.specs) for c in inputs]), [_reopen(c, kind) for c in inputs])
     path = os.path.abspath(ckpt.label)
     if not ckpt.paths() or not os.path.exists(path):
         raise BlockmergeError("not a file: the dask executor reads inputs from files every worker sees "

@@ -3,6 +3,7 @@ in another vocabulary's order, a missing row taken from other models or their me
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,17 @@ class GatheredCheckpoint(Checkpoint):
 
     def header(self) -> dict[str, str]:
         return self.source.header()
+
+    def inputs(self) -> list[Checkpoint]:
+        every = [self.source, *(t.source for g in self.gathered.values() for t in g.terms)]
+        return list({id(c): c for c in every}.values())
+
+    def over(self, inputs: list[Checkpoint]) -> Checkpoint:
+        copies = {id(old): new for old, new in zip(self.inputs(), inputs)}
+        gathered = {name: dataclasses.replace(g, terms=tuple(dataclasses.replace(t, source=copies[id(t.source)])
+                                                             for t in g.terms))
+                    for name, g in self.gathered.items()}
+        return GatheredCheckpoint(copies[id(self.source)], gathered, self.label, self.files)
 
 
 def _rows(source: Checkpoint, name: str, wanted: torch.Tensor) -> torch.Tensor:

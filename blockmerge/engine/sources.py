@@ -65,6 +65,14 @@ class Checkpoint:
         """The name of the file the tensors come from, for rules that go by name (`fisher.safetensors`)."""
         return Path(self.label).name
 
+    def inputs(self) -> list[Checkpoint]:
+        """The checkpoints an assembled view reads (none for a checkpoint of its own)."""
+        return []
+
+    def over(self, inputs: list[Checkpoint]) -> Checkpoint:
+        """The same view over other copies of its `inputs` (in their order)."""
+        return self
+
 
 class MappingCheckpoint(Checkpoint):
     """Tensors already in memory."""
@@ -122,6 +130,14 @@ class RenamedCheckpoint(Checkpoint):
 
     def paths(self) -> list[Path]:
         return sorted({p for source, _ in self.parts.values() for p in source.paths()})
+
+    def inputs(self) -> list[Checkpoint]:
+        return list({id(source): source for source, _ in self.parts.values()}.values())
+
+    def over(self, inputs: list[Checkpoint]) -> Checkpoint:
+        copies = {id(old): new for old, new in zip(self.inputs(), inputs)}
+        return RenamedCheckpoint({name: (copies[id(source)], old) for name, (source, old) in self.parts.items()},
+                                 self.label, self.files)
 
 
 class SafetensorsCheckpoint(Checkpoint):
