@@ -47,6 +47,7 @@ ITERATIONS = (10, 30, 100)
 CHECK_ITERATIONS = 400  # per tensor; CG stops earlier at rtol
 CHECK_RTOL = 1e-13
 CHECK_ALPHA = 0.9
+CHECK_BLOCK = "2GiB"  # diagonal_fisher solves every tensor whole, the word embeddings too
 STAT_OF = {"blockwise_fisher": "gram", "regmean": "gram", "diagonal_fisher": "fisher"}
 
 
@@ -165,7 +166,7 @@ def consistency_figures(work: Path, settings: Any, seed: int, log: Any = print) 
             out.parent.mkdir(parents=True, exist_ok=True)
             summary = blockmerge.merge("mats", models, base=base, out=out, overwrite=True, solver=solver,
                                        num_iterations=CHECK_ITERATIONS, rtol=CHECK_RTOL, solve_dtype="float64",
-                                       **mats_options)
+                                       block_size=CHECK_BLOCK, **mats_options)
             seconds = time.perf_counter() - start
             mats = load_file(out)
             out.unlink()
