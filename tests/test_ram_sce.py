@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
 
 import blockmerge
 
@@ -98,3 +100,16 @@ def test_arcee_fusion_matches_the_reference_and_keeps_few_changes():
         torch.testing.assert_close(merged[name], arcee_fusion_reference(base[name], model[name]), rtol=0, atol=0)
     kept = (merged["w"] != base["w"]).float().mean()
     assert 0 < kept < 0.3
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1), st.sampled_from([1e-4, 1.0, 1e4]))
+def test_sce_variance_has_torch_var_bits(count, seed, scale):
+    """SCE's selection compares variances bit for bit with mergekit's torch.var: the fast form must give its bits."""
+    from blockmerge.plugins.sce import variance_bits
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(4096, generator=g)
+    models = [base + torch.randn(4096, generator=g) * scale * float(torch.rand(1, generator=g)) for _ in range(count)]
+    expected = torch.var(torch.stack([m - base for m in models]), dim=0, unbiased=False)
+    assert torch.equal(variance_bits(models, base)[0], expected.view(torch.int32))

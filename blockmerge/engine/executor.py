@@ -94,12 +94,14 @@ def map_pass(engine: Engine, refs: list[BlockRef], index: int, state: dict, desc
 
 
 def write_blocks(engine: Engine, refs: list[BlockRef], sink: Sink, state: dict, done: dict[tuple[str, int, int],
-                  Journaled]) -> Iterator[tuple[BlockRef, memoryview, Journaled, bool]]:
+                  Journaled], hashes: dict[str, Any] | None = None
+                 ) -> Iterator[tuple[BlockRef, memoryview, Journaled, bool]]:
     """Each block merged and written, or kept where `done` journals it and both its bytes in the sink and the
     inputs read for it still have the journaled checksums (a kept block's reports come from the journal).
 
     Yields (block, its output bytes, its journal entry, kept) in plan order, each once its bytes are
-    written. A block is written on a thread of its own while the next one is merged.
+    written. A block is written on a thread of its own while the next one is merged; with `hashes`, that thread
+    also adds each block's bytes, kept ones too, to the sha256 of its tensor there, in plan order.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-write") as writer:
         previous = None
@@ -108,6 +110,8 @@ def write_blocks(engine: Engine, refs: list[BlockRef], sink: Sink, state: dict, 
             key = (ref.name, ref.start, ref.stop)
             existing = _kept(engine, sink, raw, done[key]) if key in done else None
             if existing is not None:
+                if hashes is not None:
+                    writer.submit(_hash, hashes, ref.name, existing)
                 if previous is not None:
                     yield from _written(engine, *previous)
                     previous = None
@@ -117,7 +121,7 @@ def write_blocks(engine: Engine, refs: list[BlockRef], sink: Sink, state: dict, 
                 continue
             buffer, out = engine.pool.take(engine.layout.out_specs[ref.name], ref.stop - ref.start)
             compute_block(engine, raw, state, out)
-            written = writer.submit(_write, sink, ref, out)
+            written = writer.submit(_write, sink, ref, out, hashes)
             if previous is not None:
                 yield from _written(engine, *previous)
             previous = (ref, out, buffer, written)
@@ -141,10 +145,17 @@ def _kept(engine: Engine, sink: Sink, raw: RawBlock, journaled: Journaled) -> me
     return existing if zlib.crc32(existing) == journaled.crc32 else None
 
 
-def _write(sink: Sink, ref: BlockRef, rows: torch.Tensor) -> int:
-    """Write a merged block; the CRC-32 of its bytes."""
+def _write(sink: Sink, ref: BlockRef, rows: torch.Tensor, hashes: dict[str, Any] | None) -> int:
+    """Write a merged block (and hash it into `hashes`); the CRC-32 of its bytes."""
     sink.write(ref.name, ref.start, rows)
-    return zlib.crc32(tensor_bytes(rows))
+    data = tensor_bytes(rows)
+    if hashes is not None:
+        _hash(hashes, ref.name, data)
+    return zlib.crc32(data)
+
+
+def _hash(hashes: dict[str, Any], name: str, data: memoryview) -> None:
+    hashes.setdefault(name, hashlib.sha256()).update(data)
 
 
 def _written(engine: Engine, ref: BlockRef, rows: torch.Tensor, buffer: torch.Tensor, written: Future
@@ -163,8 +174,8 @@ def _merge_pass(engine: Engine, refs: list[BlockRef], sink: Sink, state: dict, o
     engine.reader.input_hashes = {}
     engine.reader.crc_reads = output is not None
     out_hashes: dict[str, Any] = {}
-    for ref, data, entry, kept in write_blocks(engine, refs, sink, state, output.done if output is not None else {}):
-        out_hashes.setdefault(ref.name, hashlib.sha256()).update(data)
+    for ref, data, entry, kept in write_blocks(engine, refs, sink, state, output.done if output is not None else {},
+                                               out_hashes):
         if kept:
             engine.summary.blocks_resumed += 1
             continue

@@ -17,14 +17,17 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorstore as ts
 import torch
 
 from ..errors import BlockmergeError
 from .kinds import STATISTIC_KINDS
-from .tensors import DTYPES, TensorSpec, from_numpy, numpy_dtype, to_numpy, torch_dtype
+from .tensors import DTYPES, TensorSpec, from_numpy, itemsize, to_numpy, torch_dtype
+
+if TYPE_CHECKING:
+    import tensorstore as ts
 
 MANIFEST = "blockmerge.json"
 FORMAT = "blockmerge-store"
@@ -54,7 +57,7 @@ class Entry:
 
 def chunk_rows(spec: TensorSpec) -> int:
     """Rows per chunk: full-width rows, about CHUNK_BYTES per chunk."""
-    row_bytes = max(1, spec.row_numel * numpy_dtype(spec.dtype).itemsize)
+    row_bytes = max(1, spec.row_numel * itemsize(spec.dtype))
     return max(1, min(spec.rows, CHUNK_BYTES // row_bytes))
 
 
@@ -138,7 +141,7 @@ class StoreReader:
             try:
                 # tensorstore refuses paths with `..`: it gets the store's resolved path
                 spec = _array_spec(self.path.resolve(), entry)
-                self._arrays[name] = ts.open(spec, open=True, read=True).result()
+                self._arrays[name] = _tensorstore().open(spec, open=True, read=True).result()
             except Exception as err:  # tensorstore raises ValueError and its own status errors
                 raise BlockmergeError(f"corrupt or missing array ({str(err).splitlines()[0]})",
                                       path=self.path / entry.path, param=name) from None
@@ -199,11 +202,11 @@ class StoreWriter:
         try:
             if not create:
                 try:
-                    self._arrays[(kind, name)] = ts.open(array_spec, open=True).result()
+                    self._arrays[(kind, name)] = _tensorstore().open(array_spec, open=True).result()
                     return
                 except ValueError:
                     pass  # missing or damaged: its blocks are written again
-            self._arrays[(kind, name)] = ts.open(array_spec, create=True, delete_existing=True).result()
+            self._arrays[(kind, name)] = _tensorstore().open(array_spec, create=True, delete_existing=True).result()
         except ValueError as err:
             raise _write_error(err, self.path / entry.path, name) from None
 
@@ -271,3 +274,9 @@ def copy_files(files: list[Path], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copy2(f, dest / f.name)
+
+
+def _tensorstore():
+    import tensorstore  # with ml_dtypes, most of a second to import: merges that touch no store skip it
+
+    return tensorstore

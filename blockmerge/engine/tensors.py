@@ -5,22 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import torch
 
-# name -> (torch dtype, safetensors code, numpy dtype for zarr/tensorstore)
-DTYPES: dict[str, tuple[torch.dtype, str, np.dtype]] = {
-    "float64": (torch.float64, "F64", np.dtype("float64")),
-    "float32": (torch.float32, "F32", np.dtype("float32")),
-    "float16": (torch.float16, "F16", np.dtype("float16")),
-    "bfloat16": (torch.bfloat16, "BF16", np.dtype(ml_dtypes.bfloat16)),
-    "int64": (torch.int64, "I64", np.dtype("int64")),
-    "int32": (torch.int32, "I32", np.dtype("int32")),
-    "int16": (torch.int16, "I16", np.dtype("int16")),
-    "int8": (torch.int8, "I8", np.dtype("int8")),
-    "uint8": (torch.uint8, "U8", np.dtype("uint8")),
-    "bool": (torch.bool, "BOOL", np.dtype("bool")),
+# name -> (torch dtype, safetensors code)
+DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "float64": (torch.float64, "F64"),
+    "float32": (torch.float32, "F32"),
+    "float16": (torch.float16, "F16"),
+    "bfloat16": (torch.bfloat16, "BF16"),
+    "int64": (torch.int64, "I64"),
+    "int32": (torch.int32, "I32"),
+    "int16": (torch.int16, "I16"),
+    "int8": (torch.int8, "I8"),
+    "uint8": (torch.uint8, "U8"),
+    "bool": (torch.bool, "BOOL"),
 }
 FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
 _BY_TORCH = {v[0]: k for k, v in DTYPES.items()}
@@ -48,11 +47,20 @@ def safetensors_code(name: str) -> str:
 
 
 def numpy_dtype(name: str) -> np.dtype:
-    return DTYPES[name][2]
+    """The numpy dtype of a blockmerge dtype name (for zarr and tensorstore)."""
+    if name == "bfloat16":
+        return np.dtype(_bfloat16())
+    return np.dtype(name)
 
 
 def itemsize(name: str) -> int:
-    return DTYPES[name][2].itemsize
+    return DTYPES[name][0].itemsize
+
+
+def _bfloat16() -> type:
+    import ml_dtypes  # its import takes most of a second: only merges that store bfloat16 through numpy pay it
+
+    return ml_dtypes.bfloat16
 
 
 @dataclass(frozen=True)
@@ -88,13 +96,13 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A zero-copy numpy view of a CPU tensor, bfloat16 included."""
     tensor = tensor.contiguous()
     if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.view(torch.int16).numpy().view(_bfloat16())
     return tensor.numpy()
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:
     """A zero-copy tensor over a numpy array, bfloat16 included."""
-    if array.dtype == np.dtype(ml_dtypes.bfloat16):
+    if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
 
@@ -112,7 +120,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous CPU tensor."""
-    return memoryview(to_numpy(tensor.reshape(-1)).view(np.uint8))
+    flat = tensor.contiguous().reshape(-1)
+    return memoryview((flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat).numpy().view(np.uint8))
 
 
 def dense_layout_problem(t: torch.Tensor) -> str | None:

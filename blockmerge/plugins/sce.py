@@ -49,9 +49,19 @@ class TopVariance(Bands):
 
 
 def variance_bits(models: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
-    """int32 bit patterns of the task vectors' population variance over the models (float32)."""
-    taus = torch.stack([torch.sub(m, base) for m in models]).to(torch.float32)
-    return [torch.var(taus, dim=0, unbiased=False).view(torch.int32)]
+    """int32 bit patterns of the task vectors' population variance over the models, rounded to float32.
+
+    Welford's running mean and sum of squares in float64, as torch.var does on the CPU, so the bits are those
+    of mergekit's; many times faster than torch.var's reduction across the models' axis.
+    """
+    mean = torch.zeros(base.shape, dtype=torch.float64, device=base.device)
+    squares = torch.zeros_like(mean)
+    for count, m in enumerate(models, start=1):
+        tau = torch.sub(m, base).to(torch.float64)
+        delta = tau - mean
+        mean.add_(delta / count)
+        squares.add_(delta.mul_(tau.sub_(mean)))
+    return [squares.div_(len(models)).to(torch.float32).view(torch.int32)]
 
 
 def _selected(block: Block, state: Mapping[str, Any]) -> list[torch.Tensor]:
