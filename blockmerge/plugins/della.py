@@ -48,17 +48,46 @@ class Della:
             raise ValueError(f"epsilon must be non-negative, got {self.epsilon}")
 
 
-def keep_probabilities(task_vector: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """p_j of each entry (float64) from its rank within its row."""
-    rows = task_vector.reshape(task_vector.shape[0] if task_vector.dim() > 1 else 1, -1)
-    width = rows.shape[1]
+def probabilities(width: int, density: float, epsilon: float) -> np.ndarray:
+    """p of each rank 0…width − 1 within a row (float64)."""
     if width == 1:
-        return torch.full(task_vector.shape, density, dtype=torch.float64)
-    magnitudes = rows.abs()  # ordered as their bit patterns: non-negative floats sort as integers, faster
-    order = torch.argsort(magnitudes.view(torch.int32 if magnitudes.dtype == torch.float32 else torch.int64), dim=1,
-                          stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(width).expand_as(order).contiguous())
-    return (rank.to(torch.float64) * (2 * epsilon / (width - 1)) + (density - epsilon)).reshape(task_vector.shape)
+        return np.full(1, density)
+    return np.arange(width, dtype=np.float64) * (2 * epsilon / (width - 1)) + (density - epsilon)
+
+
+def rank_order(rows: torch.Tensor) -> torch.Tensor:
+    """For each row of a 2-D tensor, the columns of its entries by ascending |τ| (equal magnitudes in index order).
+
+    Each entry is keyed by its magnitude's bit pattern (non-negative floats order as integers) above its column,
+    so one plain sort of the 64-bit keys gives the stable order, several times faster than a stable argsort.
+    """
+    if rows.dtype == torch.float64:  # 64-bit magnitudes leave no room for the column
+        return torch.argsort(rows.abs().view(torch.int64), dim=1, stable=True)
+    bits = rows.abs().to(torch.float32).view(torch.int32).numpy()
+    keys = np.empty((*bits.shape, 2), dtype=np.int32)  # little-endian int64: column low, magnitude high
+    keys[..., 0] = np.arange(bits.shape[1], dtype=np.int32)
+    keys[..., 1] = bits
+    ordered = np.sort(keys.view(np.int64)[..., 0], axis=1)
+    return torch.from_numpy(ordered.view(np.int32).reshape(*bits.shape, 2)[..., 0].astype(np.int64))
+
+
+def ranked_drop(task_vector: torch.Tensor, density: float, epsilon: float, draws: np.ndarray,
+                rescale: bool) -> torch.Tensor:
+    """τ (on the CPU) with each entry kept where its draw u < p·2³² (p from its rank), divided by p where
+    `rescale`."""
+    rows = task_vector.reshape(task_vector.shape[0] if task_vector.dim() > 1 else 1, -1)
+    p = probabilities(rows.shape[1], density, epsilon)
+    order = rank_order(rows)
+    # u < p·2³² for an integer u exactly when u < ceil(p·2³²); both sides shifted by 2³¹ into int32's order
+    shifted = torch.from_numpy((draws.view(np.int32) ^ np.int32(-2**31)).reshape(rows.shape))
+    bounds = torch.from_numpy(np.ceil(p * 2.0**32).astype(np.int64) - 2**31)
+    kept_by_rank = shifted.gather(1, order) < bounds
+    if not rescale:
+        keep = torch.empty(rows.shape, dtype=torch.bool).scatter_(1, order, kept_by_rank)
+        return task_vector.mul(keep.reshape(task_vector.shape))
+    by_rank = torch.from_numpy(1.0 / p).expand(rows.shape).where(kept_by_rank, 0.0)
+    factors = torch.empty(rows.shape, dtype=torch.float64).scatter_(1, order, by_rank)
+    return (task_vector.to(torch.float64) * factors.reshape(task_vector.shape)).to(task_vector.dtype)
 
 
 @dataclass(frozen=True)
@@ -86,13 +115,8 @@ class RankedDrop:
                 if not (density - epsilon > 0.0 and density + epsilon < 1.0):
                     raise BlockmergeError(f"della: density ± epsilon must lie inside (0, 1), got density {density} "
                                           f"and epsilon {epsilon} for model {t}", param=block.name)
-                p = keep_probabilities(task_vector, density, epsilon)
                 draws = uniform_draws(self.seed, block.name, t, block.offset, task_vector.numel())
-                keep = torch.from_numpy(draws.astype(np.float64)).reshape(p.shape) < p * 2.0**32
-                if self.rescale:
-                    task_vector = (task_vector.to(torch.float64) * keep * p.reciprocal()).to(task_vector.dtype)
-                else:
-                    task_vector.mul_(keep)
+                task_vector = ranked_drop(task_vector, density, epsilon, draws, self.rescale)
             out.append(task_vector.to(block.base.device))
         return out
 
