@@ -239,3 +239,26 @@ def test_weights_summing_to_one_keep_a_constant_model_constant(weights, value):
     models = [{"w": torch.full((3, 5), value)} for _ in weights]
     out = blockmerge.merge("average", models, weights=weights)
     torch.testing.assert_close(out["w"], torch.full((3, 5), value), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 3000), st.integers(0, 2**31 - 1), st.sampled_from([torch.float32,
+                                                                                          torch.float64]))
+def test_row_sums_do_not_depend_on_the_rows_given(rows, width, seed, dtype):
+    """Reduction passes add row sums over a tensor's blocks: a row's sum must be the same bits whichever rows come
+    with it, and float64-accurate."""
+    import math
+
+    from blockmerge.plugins.ops import row_sums
+
+    g = torch.Generator().manual_seed(seed)
+    values = (torch.randn(rows, width, generator=g, dtype=torch.float64) * 10 ** torch.randint(-3, 4, (1,),
+                                                                                               generator=g)).to(dtype)
+    whole = row_sums(values)
+    cut = int(torch.randint(0, rows + 1, (1,), generator=g))
+    parts = torch.cat([row_sums(values[:cut]), row_sums(values[cut:])])
+    assert whole.dtype == torch.float64 and torch.equal(whole, parts)
+    assert torch.equal(whole[:1], row_sums(values[:1]))
+    for r in range(rows):
+        exact = math.fsum(values[r].double().tolist())
+        assert abs(float(whole[r]) - exact) <= 1e-12 * max(1.0, math.fsum(abs(v) for v in values[r].double().tolist()))

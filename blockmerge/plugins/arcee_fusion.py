@@ -10,7 +10,8 @@ With θ_0 the base and θ_1 the one other model, per vector along the last axis 
     θ* = θ_0 + (θ_1 − θ_0) · [I ≥ τ]
 
 The quantiles are exact order statistics from the band passes of :mod:`blockmerge.plugins.magnitude`
-over I (mergekit samples a million entries of larger tensors instead); rows are merged whole.
+over I (mergekit samples a million entries of larger tensors instead); rows are merged whole. A first
+pass keeps each vector's KL (one float per row), so the softmaxes are taken once, not in every pass.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .magnitude import Band, Bands, band_passes, value_of
 
 QUANTILES = (0.25, 0.5, 0.75)
 SOFTMAX_FLOOR = 1e-8
+KL = "arcee_fusion.kl"  # state: each tensor's KL per last-axis vector
 
 
 @dataclass(frozen=True)
@@ -41,20 +43,44 @@ class Quartiles(Bands):
         return [Band(int(q * (numel - 1)), int(q * (numel - 1)) + 1, all_ties=True) for q in QUANTILES]
 
 
-def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """I = |θ_1 − θ_0| · KL(softmax θ_1 ‖ softmax θ_0) per last-axis vector (float32, clamped at 0)."""
+def divergence(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax θ_1 ‖ softmax θ_0) of each last-axis vector (float32, the last axis kept with size 1)."""
     model, base = model.to(torch.float32), base.to(torch.float32)
-    if model.dim() == 0:
-        return torch.zeros_like(model)
     p = torch.softmax(model, dim=-1) + SOFTMAX_FLOOR
     q = torch.softmax(base, dim=-1) + SOFTMAX_FLOOR
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    return (model - base).abs_().mul_(kl).clamp_(min=0.0)
+    return (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
 
 
-def _importance_bits(block: Block) -> list[torch.Tensor]:
-    bits = importance(block.models[0], block.base).view(torch.int32)
-    return [bits] * len(QUANTILES)
+def importance(model: torch.Tensor, base: torch.Tensor, kl: torch.Tensor | None = None) -> torch.Tensor:
+    """I = |θ_1 − θ_0| · KL per last-axis vector (float32, clamped at 0); `kl`: the vectors' `divergence`."""
+    if model.dim() == 0:
+        return torch.zeros_like(model, dtype=torch.float32)
+    kl = divergence(model, base) if kl is None else kl.to(model.device)
+    return (model.to(torch.float32) - base.to(torch.float32)).abs_().mul_(kl).clamp_(min=0.0)
+
+
+def _divergences(block: Block, hp: ArceeFusion, state: Mapping[str, Any]) -> torch.Tensor:
+    return divergence(block.models[0], block.base).cpu() if block.base.dim() else torch.zeros(())
+
+
+def _fold_rows(acc, partial: torch.Tensor, block: Block) -> dict:
+    acc = acc if acc is not None else {}
+    acc.setdefault(block.name, []).append((block.start, partial))
+    return acc
+
+
+def _by_tensor(acc, hp: ArceeFusion, state: Mapping[str, Any]) -> dict:
+    return {KL: {name: torch.cat([p for _, p in sorted(parts, key=lambda part: part[0])]) if parts[0][1].dim()
+                 else parts[0][1] for name, parts in acc.items()}}
+
+
+def _block_importance(block: Block, state: Mapping[str, Any]) -> torch.Tensor:
+    kl = state[KL][block.name]
+    return importance(block.models[0], block.base, kl[block.start:block.stop] if kl.dim() > 1 else kl)
+
+
+def _importance_bits(block: Block, state: Mapping[str, Any]) -> list[torch.Tensor]:
+    return [_block_importance(block, state).view(torch.int32)] * len(QUANTILES)
 
 
 def threshold(cuts: list[Any]) -> float:
@@ -68,13 +94,14 @@ def threshold(cuts: list[Any]) -> float:
 
 def _merge(block: Block, hp: ArceeFusion, state: Mapping[str, Any]) -> torch.Tensor:
     model, base = block.models[0], block.base
-    keep = importance(model, base) >= threshold(state["cut"][block.name])
+    keep = _block_importance(block, state) >= threshold(state["cut"][block.name])
     return torch.sub(model, base).mul_(keep).add_(base)
 
 
 def _passes(hp: ArceeFusion, kinds: frozenset[str]) -> list[Pass]:
-    return band_passes(lambda at: Quartiles(), "block", exact=False, count=lambda block: len(QUANTILES),
-                       block_magnitudes=_importance_bits)
+    return [Pass(_divergences, _fold_rows, _by_tensor),
+            *band_passes(lambda at: Quartiles(), "block", exact=False, count=lambda block: len(QUANTILES),
+                         block_magnitudes=_importance_bits)]
 
 
 METHOD = Method(name="arcee_fusion", description=docstring_summary(__doc__), hyperparameters=ArceeFusion,

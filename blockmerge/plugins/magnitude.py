@@ -163,6 +163,7 @@ def _dense(counts, size: int) -> torch.Tensor:
 
 
 Magnitudes = Callable[[list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
+BlockMagnitudes = Callable[[Block, Mapping[str, Any]], list[torch.Tensor]]
 
 
 def task_vector_magnitudes(models: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
@@ -170,11 +171,11 @@ def task_vector_magnitudes(models: list[torch.Tensor], base: torch.Tensor) -> li
     return [task_vector_bits(m, base) for m in models]
 
 
-def _slices(block: Block, magnitudes: Magnitudes | None, whole: Callable[[Block], list[torch.Tensor]] | None
-            ) -> Iterator[list[torch.Tensor]]:
+def _slices(block: Block, state: Mapping[str, Any], magnitudes: Magnitudes | None,
+            whole: BlockMagnitudes | None) -> Iterator[list[torch.Tensor]]:
     """The bit patterns of the block's magnitudes, flattened, SLICE elements at a time."""
     if whole is not None:
-        every = [b.reshape(-1) for b in whole(block)]
+        every = [b.reshape(-1) for b in whole(block, state)]
         for a in range(0, every[0].numel(), SLICE):
             yield [b[a:a + SLICE] for b in every]
         return
@@ -191,18 +192,19 @@ def value_of(bits: int) -> float:
 
 def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
                 magnitudes: Magnitudes = task_vector_magnitudes, count: Callable[[Block], int] | None = None,
-                block_magnitudes: Callable[[Block], list[torch.Tensor]] | None = None) -> list[Pass]:
+                block_magnitudes: BlockMagnitudes | None = None) -> list[Pass]:
     """The passes that find each model's `Cut` of each group (`state["cut"][group]`): `bands_of(hyperparameters
     at the tensor)` says which band of the ascending magnitude order is kept. `exact`: ends may split runs of equal
     magnitudes (a band without `all_ties`), so the ties before each row are counted where they do. `magnitudes`
     gives the int32 bit patterns of the non-negative float32 values ordered (default: each model's |τ|) from slices
-    of the models and base, `block_magnitudes` from a whole block (for values that need whole rows), and
+    of the models and base, `block_magnitudes(block, state)` from a whole block (for values that need whole rows
+    or the state of an earlier pass), and
     `count(block)` how many such values each entry has (default: one per model)."""
     count = count or (lambda block: len(block.models))
 
     def top_counts(block: Block, hp: Any, state: Mapping[str, Any]):
         counts = torch.zeros(count(block), TOP_BINS + 1, dtype=torch.int64, device=block.base.device)
-        for bits in _slices(block, magnitudes, block_magnitudes):
+        for bits in _slices(block, state, magnitudes, block_magnitudes):
             for t, b in enumerate(bits):
                 same = next((k for k in range(t) if bits[k] is b), None)  # one value set given for several bands
                 if same is not None:
@@ -237,7 +239,7 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
     def low_counts(block: Block, hp: Any, state: Mapping[str, Any]) -> torch.Tensor:
         ends = state["ends"][group_of(block, mode)]
         counts = torch.zeros(count(block), 2, LOW_BINS, dtype=torch.int64, device=block.base.device)
-        for bits in _slices(block, magnitudes, block_magnitudes):
+        for bits in _slices(block, state, magnitudes, block_magnitudes):
             tops: dict[int, torch.Tensor] = {}
             for rows, b, found in zip(counts, bits, ends):
                 if found:
@@ -257,7 +259,7 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
         """Per model, end and row of the block: the entries equal to the value at that end."""
         rows = block.stop - block.start
         counts = torch.zeros(count(block), 2, rows, dtype=torch.int64)
-        every = block_magnitudes(block) if block_magnitudes else magnitudes(block.models, block.base)
+        every = block_magnitudes(block, state) if block_magnitudes else magnitudes(block.models, block.base)
         for bits, out, cut in zip(every, counts, state["cut"][group_of(block, mode)]):
             bits = bits.reshape(rows, -1)
             for row, value in zip(out, (cut.low, cut.high)):

@@ -94,16 +94,19 @@ def _inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def row_sums(values: torch.Tensor) -> torch.Tensor:
-    """Σ_j values[i, j] for each row i (first axis) in float64, by a fixed pairwise tree.
+    """Σ_j values[i, j] for each row i (first axis) in float64.
 
     The sum of a row depends only on that row's entries, never on how many rows are given (with
-    `math.fsum` over rows, a tensor's total does not depend on how it is cut into blocks).
+    `math.fsum` over rows, a tensor's total does not depend on how it is cut into blocks): on the CPU numpy
+    sums each row on its own (pairwise, in a fixed order), elsewhere a fixed pairwise tree does.
     """
     rows = values.shape[0] if values.dim() else 1
     width = math.prod(values.shape[1:]) if values.dim() else 1
     if rows == 0 or width == 0:
         return torch.zeros(rows, dtype=torch.float64, device=values.device)
     terms = values.reshape(rows, width).to(torch.float64)
+    if terms.device.type == "cpu":
+        return torch.from_numpy(np.add.reduce(terms.contiguous().numpy(), axis=1))
     size = 1 << (width - 1).bit_length()
     if size != width:
         terms = torch.nn.functional.pad(terms, (0, size - width))
