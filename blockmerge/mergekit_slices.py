@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine.sources import Checkpoint, RenamedCheckpoint, open_checkpoint
+from .engine.sources import Checkpoint, RenamedCheckpoint, copy_model_files, open_checkpoint
 from .errors import BlockmergeError
 
 LAYER = re.compile(r"\.(\d+)\.")
@@ -206,18 +205,8 @@ def _files(slices: list[OutputSlice], base: str | None, layers: int, where: Path
     directory = Path(base or slices[0].sources[0].path)
     if not directory.is_dir():
         return []
-    out = []
-    for f in sorted(directory.iterdir()):
-        if not f.is_file() or f.suffix in (".safetensors", ".bin", ".pt") or f.name.endswith(".index.json"):
-            continue
-        copy = where / f.name
-        if f.name == "config.json":
-            config = json.loads(f.read_text())
-            for key in LAYER_COUNT_KEYS:
-                if key in config:
-                    config[key] = layers
-            copy.write_text(json.dumps(config, indent=2) + "\n")
-        else:
-            shutil.copyfile(f, copy)
-        out.append(copy)
-    return out
+
+    def layer_count(config: dict) -> None:
+        config.update({key: layers for key in LAYER_COUNT_KEYS if key in config})
+
+    return copy_model_files(directory, where, layer_count)

@@ -11,7 +11,6 @@ Embedding tensors are the weights of the input and output embeddings of the mode
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from .engine.gathered import GatheredCheckpoint, GatheredRows, RowTerm
-from .engine.sources import Checkpoint, is_tokenizer_file, open_checkpoint
+from .engine.sources import Checkpoint, copy_model_files, is_tokenizer_file, open_checkpoint
 from .engine.tensors import TensorSpec
 from .errors import BlockmergeError
 
@@ -278,16 +277,7 @@ def _gathered(name: str, spec: TensorSpec, directory: str, own: torch.Tensor, fo
 def _output_files(first: str, tokenizer: Any, size: int, workdir: Path) -> list[Path]:
     """The first model's other files with `vocab_size` set to `size` in its config, and the output tokenizer."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for f in sorted(Path(first).iterdir()):
-        if not f.is_file() or is_tokenizer_file(f) or f.suffix in (".safetensors", ".bin", ".pt") \
-                or f.name.endswith(".index.json"):
-            continue
-        if f.name == "config.json":
-            config = json.loads(f.read_text())
-            config["vocab_size"] = size
-            (workdir / f.name).write_text(json.dumps(config, indent=2) + "\n")
-        else:
-            shutil.copyfile(f, workdir / f.name)
+    copy_model_files(Path(first), workdir, lambda config: config.update(vocab_size=size), skip=is_tokenizer_file)
     tokenizer.save_pretrained(workdir)
     return sorted(f for f in workdir.iterdir() if f.is_file())
 

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import pickle
+import shutil
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -406,6 +407,25 @@ def is_tokenizer_file(path: Path) -> bool:
 
 def _is_weight_file(p: Path) -> bool:
     return p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json"))
+
+
+def copy_model_files(directory: Path, where: Path, edit_config: Callable[[dict], None],
+                     skip: Callable[[Path], bool] = lambda f: False) -> list[Path]:
+    """The files of a model directory that hold no weights (and that `skip` passes over) copied into `where`, its
+    config.json as `edit_config` changes it; the copies."""
+    out = []
+    for f in sorted(directory.iterdir()):
+        if not f.is_file() or _is_weight_file(f) or skip(f):
+            continue
+        copy = where / f.name
+        if f.name == "config.json":
+            config = json.loads(f.read_text())
+            edit_config(config)
+            copy.write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copyfile(f, copy)
+        out.append(copy)
+    return out
 
 
 @functools.cache
