@@ -24,7 +24,7 @@ Checkpointish = Mapping[str, torch.Tensor] | str | os.PathLike
 
 def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | None = None,
           stats: Sequence[Any] | None = None, base_stats: Any = None, out: str | os.PathLike | None = None, *,
-          format: str | None = None, block_size: int | str = DEFAULT_BLOCK_BYTES, device: str = "cpu",
+          format: str | None = None, block_size: int | str | None = None, device: str = "cpu",
           dtype: str | None = None, compute_dtype: str = "float32", resume: bool = False, overwrite: bool = False,
           codec: str = "none", max_shard_size: int | str = DEFAULT_SHARD_BYTES, progress: bool = False,
           executor: str = "local", scheduler: str | None = None, repo: str | os.PathLike | None = None,
@@ -40,8 +40,10 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     safetensors | hf) and returns the Summary. Hyperparameters use the canonical names of docs/methods.md §16.
     executor: `local`, or `dask` to run the blocks as tasks on the Dask cluster at `scheduler` (default
     $BLOCKMERGE_DASK_SCHEDULER, else a LocalCluster of this machine); inputs and `out` must then be
-    paths every worker sees. copy_tokenizer: an `hf` output gets the base's (else the first model's) tokenizer
-    files beside its config and other files; a directory: its tokenizer files instead; False: none.
+    paths every worker sees. block_size: bytes of inputs per block (default 8 MiB, raised to the largest tensor
+    of a method that merges whole tensors; a given size is never exceeded). copy_tokenizer: an `hf` output gets
+    the base's (else the first model's) tokenizer files beside its config and other files; a directory: its
+    tokenizer files instead; False: none.
     """
     if executor not in ("local", "dask"):
         raise BlockmergeError(f"unknown executor {executor!r} (local or dask)")
@@ -62,7 +64,7 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
         inputs={name: _hyperparameter_checkpoint(spec.name, name, in_memory.get(name, getattr(hp, name)), repo)
                 for name in spec.needs(hp).checkpoints},
         device=device, dtype=dtype, compute_dtype=compute_dtype,
-        block_bytes=parse_size(block_size, "block_size"), progress=progress,
+        block_bytes=parse_size(block_size, "block_size") if block_size is not None else None, progress=progress,
     )
     layout = check(job)
     out_format = infer_format(out, format) if out is not None else "store"

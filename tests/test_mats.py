@@ -468,3 +468,15 @@ def test_scaling_every_statistic_by_one_constant_changes_nothing(objective, num_
         one, other = merge(1.0, solver="direct"), merge(scale, solver="direct")
         for n in one:
             torch.testing.assert_close(other[n], one[n], rtol=1e-7, atol=1e-9)
+
+
+def test_the_default_budget_holds_a_whole_tensor_and_a_given_one_is_never_exceeded():
+    """MaTS merges whole tensors: by default the block budget grows to the largest one's inputs (here 12 MiB,
+    over the 8 MiB default); a budget the user gives is a limit, refused in one line before anything is read."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(1024, 1024, generator=g)}
+    models = [{"w": base["w"] + 0.01 * torch.randn(1024, 1024, generator=g)} for _ in range(2)]
+    merged = blockmerge.merge("mats", models, base=base, objective="average", num_iterations=3)
+    assert torch.allclose(merged["w"], (models[0]["w"] + models[1]["w"]) / 2, atol=1e-5)
+    with pytest.raises(BlockmergeError, match=r"raise --block-size \(block_size=\) to at least 12582912"):
+        blockmerge.merge("mats", models, base=base, objective="average", block_size="8MiB")

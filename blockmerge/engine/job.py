@@ -13,7 +13,6 @@ from ..errors import BlockmergeError
 from ..plugins import Common, Method
 from ..plugins.hyperparameters import is_scheduled, places, resolve
 from .kinds import statistic_shape
-from .plan import DEFAULT_BLOCK_BYTES
 from .sources import Checkpoint
 from .tensors import FLOATING, TensorSpec
 
@@ -33,7 +32,7 @@ class Job:
     device: str = "cpu"
     dtype: str | None = None
     compute_dtype: str = "float32"
-    block_bytes: int = DEFAULT_BLOCK_BYTES
+    block_bytes: int | None = None  # None: the default, raised to the largest tensor a whole-tensor method holds
     progress: bool = False
     label: str | None = None  # the progress bar's label (default: the method's name)
 

@@ -4,6 +4,7 @@ sealed with its provenance (the job's inputs are checked before, by `job.check`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -20,7 +21,7 @@ from .dispatch import merged_whole
 from .executor import Executor, LocalExecutor, run_passes, say_changed
 from .job import Job, Layout, Summary
 from .output import Output, os_error
-from .plan import plan
+from .plan import DEFAULT_BLOCK_BYTES, plan
 from .provenance import input_paths, provenance_bound, provenance_of, request_of
 from .sinks import DictSink, Sink, open_sink
 from .store import chunk_rows
@@ -39,16 +40,20 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     """
     start_time = time.perf_counter()
     engine = Engine(job, layout)
-    summary = engine.summary
     align = {n: chunk_rows(s) if out_format == "store" else 1 for n, s in layout.out_specs.items()}
     row_bytes = {name: engine.reader.input_row_bytes(name) for name in layout.specs}
     whole = {n for n, a in layout.actions.items() if a == "merge" and merged_whole(job.method, layout.specs[n].shape)}
-    for name in sorted(whole if job.method.granularity == "tensor" else ()):  # a row is the least block of the others
-        need = row_bytes[name] * layout.specs[name].rows
+    needs = {name: row_bytes[name] * layout.specs[name].rows  # a row is the least block of the other methods
+             for name in (whole if job.method.granularity == "tensor" else ())}
+    if job.block_bytes is None:  # the default budget, or the largest whole tensor a method must hold
+        job = dataclasses.replace(job, block_bytes=max([DEFAULT_BLOCK_BYTES, *needs.values()]))
+        engine = Engine(job, layout)
+    for name, need in sorted(needs.items()):
         if need > job.block_bytes:
             raise BlockmergeError(f"{job.method.name} merges whole tensors, and this one's inputs take {need} bytes, "
                                   f"over the block budget of {job.block_bytes}: raise --block-size (block_size=) to "
                                   f"at least {need}", param=name)
+    summary = engine.summary
     refs = plan(layout.specs, layout.actions, row_bytes, job.block_bytes, align, whole)
     output = None
     if out is not None:

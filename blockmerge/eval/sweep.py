@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from .. import api
 from ..engine.output import check_output, parents_made, source_paths
-from ..engine.plan import DEFAULT_BLOCK_BYTES
 from ..errors import BlockmergeError
 from ..plugins import get, parse_hyperparameters
 from .evaluate import evaluate
@@ -112,7 +111,7 @@ def sweep(method: str, models: Sequence[Any], tasks: Iterable[Task | str | os.Pa
           base_stats: Any = None, out: str | os.PathLike | None = None, format: str | None = None,
           overwrite: bool = False, config: str | os.PathLike | None = None, select_split: str = "validation",
           report_split: str | None = "test", batch_size: int = 32, device: str = "cpu",
-          eval_dtype: str | None = None, block_size: int | str = DEFAULT_BLOCK_BYTES, dtype: str | None = None,
+          eval_dtype: str | None = None, block_size: int | str | None = None, dtype: str | None = None,
           compute_dtype: str = "float32", workdir: str | os.PathLike | None = None, progress: bool = False,
           **hyperparameters: Any) -> dict[str, Any]:
     """Merge each candidate of ``grid`` (with the fixed ``hyperparameters``), score it on ``select_split``, keep
