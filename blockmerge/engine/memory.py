@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 
@@ -59,10 +60,24 @@ def return_freed_blocks_to_the_os(threshold: int = 4 << 20, heap_kept: int = 64 
             and bool(mallopt(_M_ARENA_MAX, 1)))
 
 
+def return_free_heap() -> bool:
+    """Give the heap's free pages back to the OS (malloc_trim), wherever they lie; False where libc has none."""
+    trim = libc_function("malloc_trim")
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def libc_function(name: str):
     """The C library's function `name`, or None where there is no such library or function."""
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
+        return getattr(_libc(), name)
     except (OSError, AttributeError):
         return None
 

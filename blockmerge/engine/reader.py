@@ -67,6 +67,9 @@ class Loan:
             pool.give(self.buffers)
 
 
+HEAP_SLACK = 128 << 20  # the least growth of resident memory that returns free heap to the OS
+
+
 class Reader:
     """Reads the blocks of one merge into buffers of `pool`, counting the bytes read in `summary`."""
 
@@ -77,6 +80,7 @@ class Reader:
         self.crc_reads = False  # whether reads compute the checksums that resuming checks
         self.block_inputs: dict[tuple[str, int, int], dict[str, int]] = {}  # checksums of each block read, by role
         self.peak_parts = (0, 0)  # (anonymous, file-backed) resident bytes, sampled after each block
+        self.trim_above: int | None = None  # resident anonymous bytes over which freed heap goes back to the OS
         self.checked: set[tuple[int, str, int, int]] = set()  # (input, name, rows) found finite in an earlier pass
         # The whole statistics (Grams) of the parameter read last, kept for its next row blocks.
         self.whole_name: str | None = None
@@ -229,8 +233,19 @@ class Reader:
             bar.close()
 
     def sample_memory(self) -> None:
-        """Fold the process's resident anonymous and file-backed bytes now into `peak_parts`."""
+        """Fold the process's resident anonymous and file-backed bytes now into `peak_parts`.
+
+        Temporaries of different sizes and lifetimes, freed on several threads, can leave the heap fragmented:
+        freed but resident, growing run by run differently. Where resident memory has grown by more than the
+        block budget's work needs since the first block (or the last time), free heap pages go back to the OS.
+        """
         parts = memory.rss_parts()
+        slack = max(HEAP_SLACK, 16 * (self.job.block_bytes or 0))
+        if self.trim_above is None:
+            self.trim_above = parts.get("RssAnon", 0) + slack
+        elif parts.get("RssAnon", 0) > self.trim_above and memory.return_free_heap():
+            parts = memory.rss_parts()
+            self.trim_above = parts.get("RssAnon", 0) + slack
         anon, file = self.peak_parts
         self.peak_parts = (max(anon, parts.get("RssAnon", 0)), max(file, parts.get("RssFile", 0)))
 
