@@ -51,12 +51,11 @@ def divergence(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
 
 
-def importance(model: torch.Tensor, base: torch.Tensor, kl: torch.Tensor | None = None) -> torch.Tensor:
+def importance(model: torch.Tensor, base: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
     """I = |θ_1 − θ_0| · KL per last-axis vector (float32, clamped at 0); `kl`: the vectors' `divergence`."""
     if model.dim() == 0:
         return torch.zeros_like(model, dtype=torch.float32)
-    kl = divergence(model, base) if kl is None else kl.to(model.device)
-    return (model.to(torch.float32) - base.to(torch.float32)).abs_().mul_(kl).clamp_(min=0.0)
+    return (model.to(torch.float32) - base.to(torch.float32)).abs_().mul_(kl.to(model.device)).clamp_(min=0.0)
 
 
 def _divergences(block: Block, hp: ArceeFusion, state: Mapping[str, Any]) -> torch.Tensor:
