@@ -262,3 +262,22 @@ def test_row_sums_do_not_depend_on_the_rows_given(rows, width, seed, dtype):
     for r in range(rows):
         exact = math.fsum(values[r].double().tolist())
         assert abs(float(whole[r]) - exact) <= 1e-12 * max(1.0, math.fsum(abs(v) for v in values[r].double().tolist()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 9), width=st.integers(0, 70), count=st.integers(1, 4), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]))
+def test_pair_products_are_exact_products_summed_by_row(rows, width, count, seed, dtype):
+    """Per row, v_k · v_j of every pair: each product taken exactly in float64 and the row summed as `row_sums`
+    sums it, so the totals do not depend on the rows given either."""
+    from blockmerge.plugins.ops import gram_pairs, pair_products, row_sums
+
+    g = torch.Generator().manual_seed(seed)
+    vectors = [torch.randn(rows, width, generator=g, dtype=torch.float64).to(dtype) for _ in range(count)]
+    products = pair_products(vectors)
+    assert products.dtype == torch.float64 and products.shape == (rows, count * (count + 1) // 2)
+    for i, (k, j) in enumerate(gram_pairs(count)):
+        assert torch.equal(products[:, i], row_sums(vectors[k].double() * vectors[j].double()))
+    cut = int(torch.randint(0, rows + 1, (1,), generator=g))
+    assert torch.equal(products, torch.cat([pair_products([v[:cut] for v in vectors]),
+                                            pair_products([v[cut:] for v in vectors])]))

@@ -23,7 +23,7 @@ import torch
 
 from .base import Block, Method, Needs, docstring_summary, tensor_pass
 from .hyperparameters import PerModel, Scheduled, each_model
-from .ops import row_sums
+from .ops import pair_products, row_sums
 
 UNIT_FLOOR = 1e-7  # the least norm a vector is divided by
 SIN_FLOOR = 1e-8  # a smaller |sin Ω| interpolates linearly
@@ -51,8 +51,7 @@ def _vectors(block: Block, hp: Nuslerp) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _products(block: Block, hp: Nuslerp, state: Mapping[str, Any]) -> torch.Tensor:
-    a, b = (v.to(torch.float64) for v in _vectors(block, hp))
-    return torch.stack([row_sums(a * a), row_sums(b * b), row_sums(a * b)], dim=1).cpu()
+    return pair_products(list(_vectors(block, hp)))[:, [0, 2, 1]]
 
 
 def weights_of(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +72,7 @@ def _merge(block: Block, hp: Nuslerp, state: Mapping[str, Any]) -> torch.Tensor:
     if hp.flatten or a.dim() < 2:
         aa, bb, ab = (torch.tensor(x, dtype=torch.float64) for x in state[PRODUCTS][block.name])
         first, second = weights_of(aa, bb, ab, t)
-        merged = a * float(first) + b * float(second)
+        merged = torch.mul(a, float(first)).add_(b, alpha=float(second))
     else:
         width = a.shape[-1]
         a64, b64 = a.reshape(-1, width).to(torch.float64), b.reshape(-1, width).to(torch.float64)

@@ -23,7 +23,7 @@ import torch
 
 from .base import Block, Method, docstring_summary, tensor_pass
 from .hyperparameters import Scheduled
-from .ops import row_sums
+from .ops import pair_products
 
 DOT_THRESHOLD = 0.9995  # closer to parallel (or anti-parallel) than this: linear interpolation
 NORM_EPSILON = 1e-8  # a tensor with a smaller norm is not normalised
@@ -37,8 +37,7 @@ class Slerp:
 
 def _products(block: Block, hp: Slerp, state: Mapping[str, Any]) -> torch.Tensor:
     """Per row: Σ a², Σ b², Σ a·b in float64 (products of float32 values are exact there)."""
-    a, b = (m.to(torch.float64) for m in block.models)
-    return torch.stack([row_sums(a * a), row_sums(b * b), row_sums(a * b)], dim=1).cpu()
+    return pair_products(block.models)[:, [0, 2, 1]]
 
 
 def cosine(aa: float, bb: float, ab: float) -> float:
