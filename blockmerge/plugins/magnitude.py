@@ -186,6 +186,21 @@ def _slices(block: Block, state: Mapping[str, Any], magnitudes: Magnitudes | Non
         yield magnitudes([m[a:b] for m in models], base[a:b])
 
 
+def _zeros(bits: torch.Tensor) -> int:
+    """How many entries are 0."""
+    if bits.device.type == "cpu":
+        return bits.numel() - int(np.count_nonzero(bits.numpy()))
+    return int((bits == 0).sum())
+
+
+def _low_histogram(bits: torch.Tensor, top_bits: torch.Tensor, top: int) -> torch.Tensor:
+    """Counts of the low 16 bits of the entries whose top 16 bits (`top_bits`) are `top`."""
+    if bits.device.type == "cpu":
+        low = bits.numpy()[top_bits.numpy() == top] & (LOW_BINS - 1)
+        return torch.from_numpy(np.bincount(low, minlength=LOW_BINS))
+    return torch.bincount(bits[top_bits == top].bitwise_and_(LOW_BINS - 1), minlength=LOW_BINS)
+
+
 def value_of(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
@@ -210,7 +225,7 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
                 if same is not None:
                     counts[t] = counts[same]
                     continue
-                counts[t, TOP_BINS] += (b == 0).sum()
+                counts[t, TOP_BINS] += _zeros(b)
                 counts[t, :TOP_BINS] += torch.bincount(b.bitwise_right_shift(16), minlength=TOP_BINS)
         return counts.cpu(), bands_of(hp)
 
@@ -241,11 +256,13 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
         counts = torch.zeros(count(block), 2, LOW_BINS, dtype=torch.int64, device=block.base.device)
         for bits in _slices(block, state, magnitudes, block_magnitudes):
             tops: dict[int, torch.Tensor] = {}
+            histograms: dict[tuple[int, int], torch.Tensor] = {}
             for rows, b, found in zip(counts, bits, ends):
-                if found:
-                    top_bits = tops.setdefault(id(b), b.bitwise_right_shift(16))
                 for row, (_, _, top, _, _, _) in zip(rows, found or ()):
-                    row += torch.bincount(b[top_bits == top].bitwise_and_(LOW_BINS - 1), minlength=LOW_BINS)
+                    if (id(b), top) not in histograms:
+                        top_bits = tops.setdefault(id(b), b.bitwise_right_shift(16))
+                        histograms[id(b), top] = _low_histogram(b, top_bits, top)
+                    row += histograms[id(b), top]
         return counts.cpu(), None
 
     def find_cuts(acc, hp: Any, state: Mapping[str, Any]) -> dict:
