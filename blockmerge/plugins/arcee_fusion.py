@@ -46,9 +46,9 @@ class Quartiles(Bands):
 def divergence(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """KL(softmax θ_1 ‖ softmax θ_0) of each last-axis vector (float32, the last axis kept with size 1)."""
     model, base = model.to(torch.float32), base.to(torch.float32)
-    p = torch.softmax(model, dim=-1) + SOFTMAX_FLOOR
-    q = torch.softmax(base, dim=-1) + SOFTMAX_FLOOR
-    return (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    p = torch.softmax(model, dim=-1).add_(SOFTMAX_FLOOR)
+    q = torch.softmax(base, dim=-1).add_(SOFTMAX_FLOOR)
+    return torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1, keepdim=True)
 
 
 def importance(model: torch.Tensor, base: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
