@@ -600,6 +600,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     args = parser.parse_args()
 
+    pm.compile_blockmerge()
     caches = [c for c in args.cache if c == "warm" or can_drop_caches()]
     if caches != args.cache:
         print("cannot drop the page cache here (needs root): warm runs only")

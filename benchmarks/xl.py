@@ -1141,6 +1141,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.generate:
         return generate_child(Path(args.generate[0]), Path(args.generate[1]))
 
+    pm.compile_blockmerge()
     kind = args.limit_kind or ("cgroup" if CGROUPS.usable() else "prlimit")
     if kind == "cgroup" and not CGROUPS.usable():
         raise SystemExit(f"--limit-kind cgroup: {CGROUPS.describe()} (needs root); use --limit-kind prlimit")
