@@ -116,9 +116,6 @@ def row_sums(values: torch.Tensor) -> torch.Tensor:
     return terms[:, 0]
 
 
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
-
-
 def gram_pairs(count: int) -> list[tuple[int, int]]:
     """The pairs (k, j), k ≤ j, of `count` vectors, in the order `pair_products` gives their products."""
     return [(k, j) for k in range(count) for j in range(k, count)]
@@ -126,22 +123,9 @@ def gram_pairs(count: int) -> list[tuple[int, int]]:
 
 def pair_products(vectors: list[torch.Tensor]) -> torch.Tensor:
     """Per row (first axis): v_k · v_j of every pair k ≤ j (`gram_pairs` order) in float64, [rows, pairs] on the CPU;
-    with `tensor_pass`, their exact totals over a tensor. Each product of float32 (or narrower) values is exact in
-    float64, and each row is summed as `row_sums` sums it."""
-    pairs = gram_pairs(len(vectors))
-    if all(v.device.type == "cpu" and v.dtype in _NUMPY_FLOATS for v in vectors):
-        rows = vectors[0].shape[0] if vectors[0].dim() else 1
-        width = math.prod(vectors[0].shape[1:]) if vectors[0].dim() else 1
-        flat = [v.reshape(rows, width).contiguous().numpy() for v in vectors]
-        products = np.empty(flat[0].shape, np.float64)
-        sums = np.zeros((rows, len(pairs)))
-        if products.size:
-            for i, (k, j) in enumerate(pairs):
-                np.multiply(flat[k], flat[j], out=products, dtype=np.float64)
-                np.add.reduce(products, axis=1, out=sums[:, i])
-        return torch.from_numpy(sums)
+    with `tensor_pass`, their exact totals over a tensor."""
     wide = [v.to(torch.float64) for v in vectors]
-    return torch.stack([row_sums(wide[k] * wide[j]) for k, j in pairs], dim=1).cpu()
+    return torch.stack([row_sums(wide[k] * wide[j]) for k, j in gram_pairs(len(wide))], dim=1).cpu()
 
 
 def gram_matrix(sums: list[float]) -> np.ndarray:
