@@ -27,6 +27,7 @@ pytestmark = pytest.mark.needs("realistic-data")
 METHODS = ("average", "task_arithmetic", "dare", "ties", "fisher", "regmean", "mats", "ubgm")
 SETTINGS = pipeline.Settings(train=128, validation=32, test=64, max_length=32, steps=24, stat_examples=16,
                              scaling=(0.3, 0.6), regmean_alpha=(0.9,), mats_init=(0.3,), mats_iterations=(3,),
+                             mats_start=("task_arithmetic", "regmean"), mats_objective=("blockwise_fisher", "regmean"),
                              ubgm_scaling=(0.5,), ubgm_delta0=(1e-5,))
 
 

@@ -73,8 +73,9 @@ class Settings:
     scaling: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     regmean_alpha: tuple[float, ...] = (0.5, 0.7, 0.9)
     mats_init: tuple[float, ...] = (0.3, 0.6, 0.9)
-    mats_iterations: tuple[int, ...] = (10,)
-    mats_start: tuple[str, ...] = ("task_arithmetic",)
+    mats_iterations: tuple[int, ...] = (10, 30, 100)
+    mats_start: tuple[str, ...] = ("task_arithmetic", "ties", "regmean")
+    mats_objective: tuple[str, ...] = ("blockwise_fisher", "regmean")
     ubgm_scaling: tuple[float, ...] = (0.25, 0.5)
     ubgm_delta0: tuple[float, ...] = (1e-12, 1e-5)
 
@@ -87,8 +88,8 @@ class Settings:
             "ties": Method({"scaling_factor": list(self.scaling)}, {"density": 0.2}),
             "fisher": Method({"normalize_fishers": [False, True]}, stats="fisher"),
             "regmean": Method({"alpha": list(self.regmean_alpha)}, stats="gram"),
-            "mats": Method({"init_scaling_factor": list(self.mats_init), "num_iterations": list(self.mats_iterations)},
-                           {"objective": "blockwise_fisher"}, stats="gram",
+            "mats": Method({"objective": list(self.mats_objective), "init_scaling_factor": list(self.mats_init),
+                            "num_iterations": list(self.mats_iterations)}, stats="gram",
                            starts=() if self.mats_start == ("task_arithmetic",) else self.mats_start),
             "ubgm": Method({"scaling_factor": list(self.ubgm_scaling), "delta0": list(self.ubgm_delta0)},
                            stats="fisher", zero_base_fisher=True),

@@ -115,6 +115,7 @@ def markdown(raw: dict, table: list[dict], command: str) -> str:
              f"{settings['test']} test examples per task (fewer where a class runs out), {settings['max_length']} "
              f"tokens; fine-tuning {settings['steps']} steps of {settings['batch_size']} (lr {settings['lr']:g}); "
              f"statistics over {settings['stat_examples']} training examples per task; MaTS "
+             f"{_listed(settings.get('mats_objective', ['blockwise_fisher']))} objective, "
              f"{_listed(settings['mats_iterations'])} CG iterations from "
              f"{_listed(settings.get('mats_start', ['task_arithmetic']))}")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timing["stages_wall_seconds"].items())
