@@ -167,3 +167,22 @@ def test_methods_reports_the_needs_that_needs_computes():
     hp, _ = parse_hyperparameters(get("mats"), {"initialization": "zeros", "objective": "regmean"})
     assert len(mats) == 1 and mats[0]["needs_base"] is get("mats").needs(hp).base is False
     assert mats[0]["statistics"] == ["gram_in"]
+
+
+def test_a_safetensors_merge_imports_no_optional_backend(tmp_path: Path):
+    """tensorstore, ml_dtypes and Dask cost start-up time and memory: only merges that use them import them."""
+    from safetensors.torch import save_file
+
+    for i in range(2):
+        save_file({"w": torch.full((4, 3), float(i), dtype=torch.bfloat16)}, tmp_path / f"m{i}.safetensors")
+    script = (
+        "import sys\n"
+        "from blockmerge.cli import main\n"
+        f"try:\n    main(['merge', '--method', 'average', '--model', {str(tmp_path / 'm0.safetensors')!r}, "
+        f"'--model', {str(tmp_path / 'm1.safetensors')!r}, '--out', {str(tmp_path / 'out.safetensors')!r}])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('tensorstore', 'ml_dtypes', 'dask', 'distributed') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.safetensors").is_file()
+    assert done.stdout.strip().splitlines()[-1] == "[]"
