@@ -11,11 +11,12 @@ With θ_0 the base and θ_1 the one other model, per vector along the last axis 
 
 The quantiles are exact order statistics from the band passes of :mod:`blockmerge.plugins.magnitude`
 over I (mergekit samples a million entries of larger tensors instead); rows are merged whole. A first
-pass keeps each vector's KL (one float per row), so the softmaxes are taken once, not in every pass.
+band pass keeps each vector's KL (one float per row), so the softmaxes are taken once, not in every pass.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,13 +70,33 @@ def _fold_rows(acc, partial: torch.Tensor, block: Block) -> dict:
 
 
 def _by_tensor(acc, hp: ArceeFusion, state: Mapping[str, Any]) -> dict:
-    return {KL: {name: torch.cat([p for _, p in sorted(parts, key=lambda part: part[0])]) if parts[0][1].dim()
-                 else parts[0][1] for name, parts in acc.items()}}
+    """state[KL][name]: (0, the KL of every row of the tensor)."""
+    return {KL: {name: (0, torch.cat([p for _, p in sorted(parts, key=lambda part: part[0])]) if parts[0][1].dim()
+                        else parts[0][1]) for name, parts in acc.items()}}
+
+
+def _with_divergences(counts: Pass) -> Pass:
+    """`counts` (the first band pass), which reads each block's KL, run with the KL taken from the block itself;
+    the KL of every row is kept too, for the later passes and the merge."""
+    def map_block(block: Block, hp: ArceeFusion, state: Mapping[str, Any]) -> tuple[Any, torch.Tensor]:
+        kl = _divergences(block, hp, state)
+        local = types.MappingProxyType({**state, KL: {block.name: (block.start, kl)}})
+        return counts.map(block, hp, local), kl
+
+    def fold(acc, partial: tuple[Any, torch.Tensor], block: Block) -> tuple[Any, Any]:
+        counted, kept = acc if acc is not None else (None, None)
+        return counts.fold(counted, partial[0], block), _fold_rows(kept, partial[1], block)
+
+    def finish(acc, hp: ArceeFusion, state: Mapping[str, Any]) -> dict:
+        counted, kept = acc if acc is not None else ({}, {})
+        return {**counts.finish(counted, hp, state), **_by_tensor(kept, hp, state)}
+
+    return Pass(map_block, fold, finish)
 
 
 def _block_importance(block: Block, state: Mapping[str, Any]) -> torch.Tensor:
-    kl = state[KL][block.name]
-    return importance(block.models[0], block.base, kl[block.start:block.stop] if kl.dim() > 1 else kl)
+    start, kl = state[KL][block.name]
+    return importance(block.models[0], block.base, kl[block.start - start:block.stop - start] if kl.dim() > 1 else kl)
 
 
 def _importance_bits(block: Block, state: Mapping[str, Any]) -> list[torch.Tensor]:
@@ -98,9 +119,9 @@ def _merge(block: Block, hp: ArceeFusion, state: Mapping[str, Any]) -> torch.Ten
 
 
 def _passes(hp: ArceeFusion, kinds: frozenset[str]) -> list[Pass]:
-    return [Pass(_divergences, _fold_rows, _by_tensor),
-            *band_passes(lambda at: Quartiles(), "block", exact=False, count=lambda block: len(QUANTILES),
-                         block_magnitudes=_importance_bits)]
+    counts, *later = band_passes(lambda at: Quartiles(), "block", exact=False, count=lambda block: len(QUANTILES),
+                                 block_magnitudes=_importance_bits)
+    return [_with_divergences(counts), *later]
 
 
 METHOD = Method(name="arcee_fusion", description=docstring_summary(__doc__), hyperparameters=ArceeFusion,
