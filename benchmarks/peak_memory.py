@@ -15,6 +15,9 @@ like mergekit's (`MERGEKIT_METHODS`, blockmerge's names):
 
     python benchmarks/peak_memory.py --sizes 0.5 1 --models 4 --methods mergekit
 
+`--methods subspace` runs TSV-M, Iso-C and Iso-CTS, which hold one whole matrix and its task matrices at a time:
+their peak follows the largest tensor (the embedding), not the block budget.
+
 The two targets checked (reported, never asserted): at the largest size every method's RSS delta
 is below 25% of one model's size, and the delta at size S is within 20% of the delta at S/2.
 
@@ -65,6 +68,7 @@ DEFAULT_METHODS = ["average", "task_arithmetic", "dare", "ties"]
 MERGEKIT_METHODS = ["linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "della", "sce", "model_stock",
                     "nearswap", "slerp", "nuslerp", "multislerp", "karcher", "arcee_fusion", "passthrough", "ram"]
 STATISTIC_METHODS = ["fisher", "regmean", "mats", "ubgm"]
+SUBSPACE_METHODS = ["tsv_m", "iso_c", "iso_cts"]  # whole matrices at a time: bounded by the largest tensor
 REFERENCE_METHOD = "average"  # the same models merged without statistics
 STATISTICS_SIZES = [0.125, 0.25]
 STATISTICS_MAX_HIDDEN = 512
@@ -888,8 +892,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=int, default=4,
                    help="fine-tunes generated (plus a base); a method merges as many as it takes")
     p.add_argument("--methods", nargs="+", default=None,
-                   help=f"any registered method (`blockmerge methods`), or `mergekit` for "
-                        f"{' '.join(MERGEKIT_METHODS)}; "
+                   help=f"any registered method (`blockmerge methods`), `mergekit` for "
+                        f"{' '.join(MERGEKIT_METHODS)}, or `subspace` for {' '.join(SUBSPACE_METHODS)}; "
                         f"default: {' '.join(DEFAULT_METHODS)}; with --statistics {' '.join(STATISTIC_METHODS)} "
                         f"(plus {REFERENCE_METHOD}, always run as the reference)")
     p.add_argument("--statistics", action="store_true",
@@ -916,7 +920,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.methods is not None:
         args.methods = list(dict.fromkeys(name for m in args.methods
-                                          for name in (MERGEKIT_METHODS if m == "mergekit" else [m])))
+                                          for name in {"mergekit": MERGEKIT_METHODS,
+                                                       "subspace": SUBSPACE_METHODS}.get(m, [m])))
     if args.methods is None:
         args.methods = [REFERENCE_METHOD, *STATISTIC_METHODS] if args.statistics else DEFAULT_METHODS
     elif args.statistics and REFERENCE_METHOD not in args.methods:

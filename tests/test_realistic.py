@@ -24,11 +24,12 @@ import run  # noqa: E402
 
 pytestmark = pytest.mark.needs("realistic-data")
 
-METHODS = ("average", "task_arithmetic", "dare", "ties", "fisher", "regmean", "mats", "ubgm")
+METHODS = ("average", "task_arithmetic", "dare", "ties", "fisher", "regmean", "mats", "ubgm", "tsv_m", "iso_c",
+           "iso_cts")
 SETTINGS = pipeline.Settings(train=128, validation=32, test=64, max_length=32, steps=24, stat_examples=16,
                              scaling=(0.3, 0.6), regmean_alpha=(0.9,), mats_init=(0.3,), mats_iterations=(3,),
                              mats_start=("task_arithmetic", "regmean"), mats_objective=("blockwise_fisher", "regmean"),
-                             ubgm_scaling=(0.5,), ubgm_delta0=(1e-5,))
+                             ubgm_scaling=(0.5,), ubgm_delta0=(1e-5,), subspace_scaling=(1.0,))
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,20 @@ def test_every_method_lies_between_the_base_and_the_individual_models(reduced: t
         assert set(test) == set(SETTINGS.tasks)
 
 
+def _candidate_count(method: pipeline.Method) -> int:
+    """The grid from task arithmetic (or the method's only start), and without its scale from each other start."""
+    if not method.grid:
+        return 0
+    others = {k: v for k, v in method.grid.items() if k != "init_scaling_factor"}
+    return sum(len(candidates(method.grid if start in (None, "task_arithmetic") else others))
+               for start in method.starts or (None,))
+
+
 def test_sweeps_pick_a_grid_candidate_and_merges_are_measured(reduced: tuple[Path, dict]) -> None:
     merges = reduced[1]["results"][0]["merges"]
     for name, method in SETTINGS.methods().items():
         result = merges[name]
-        assert len(result["candidates"]) == (len(candidates(method.grid)) if method.grid else 0)
+        assert len(result["candidates"]) == _candidate_count(method)
         if method.grid:
             best = max(result["candidates"], key=lambda c: c["validation"])
             assert result["hyperparameters"] == best["hyperparameters"]

@@ -78,6 +78,7 @@ class Settings:
     mats_objective: tuple[str, ...] = ("blockwise_fisher", "regmean")
     ubgm_scaling: tuple[float, ...] = (0.25, 0.5)
     ubgm_delta0: tuple[float, ...] = (1e-12, 1e-5)
+    subspace_scaling: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
 
     def methods(self) -> dict[str, Method]:
         """Every method of docs/methods.md §16 with the grid of its main hyperparameter(s)."""
@@ -93,6 +94,9 @@ class Settings:
                            starts=() if self.mats_start == ("task_arithmetic",) else self.mats_start),
             "ubgm": Method({"scaling_factor": list(self.ubgm_scaling), "delta0": list(self.ubgm_delta0)},
                            stats="fisher", zero_base_fisher=True),
+            "tsv_m": Method({"scaling_factor": list(self.subspace_scaling)}),
+            "iso_c": Method({"scaling_factor": list(self.subspace_scaling)}),
+            "iso_cts": Method({"scaling_factor": list(self.subspace_scaling)}, {"common_space_fraction": 0.8}),
         }
 
 
