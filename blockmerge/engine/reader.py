@@ -67,7 +67,7 @@ class Loan:
             pool.give(self.buffers)
 
 
-HEAP_SLACK = 32 << 20  # the least growth of resident memory that returns free heap to the OS
+HEAP_SLACK = 128 << 20  # the least growth of resident memory that returns free heap to the OS
 
 
 class Reader:
@@ -240,7 +240,7 @@ class Reader:
         block budget's work needs since the first block (or the last time), free heap pages go back to the OS.
         """
         parts = memory.rss_parts()
-        slack = max(HEAP_SLACK, 4 * (self.job.block_bytes or 0))
+        slack = max(HEAP_SLACK, 16 * (self.job.block_bytes or 0))
         if self.trim_above is None:
             self.trim_above = parts.get("RssAnon", 0) + slack
         elif parts.get("RssAnon", 0) > self.trim_above and memory.return_free_heap():
