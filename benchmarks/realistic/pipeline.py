@@ -110,7 +110,7 @@ def cached(record: Path, key: dict, produce: Callable[[], Any]) -> Any:
     """The result recorded at ``record`` when it was made with ``key``, else ``produce()``'s, recorded."""
     if record.is_file():
         saved = json.loads(record.read_text())
-        if saved.get("key") == key:
+        if saved.get("key") == json.loads(json.dumps(key)):  # as JSON keeps it: tuples are lists
             return saved["result"]
     record.parent.mkdir(parents=True, exist_ok=True)
     result = produce()
