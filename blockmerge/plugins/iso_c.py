@@ -13,15 +13,14 @@ granularity); the SVD in the compute dtype, on the device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .base import Block, Method, Needs, docstring_summary
-from .ops import summed
-from .subspace import merge_task_vectors, svd
+from .subspace import merge_task_vectors, svd, total
 
 
 @dataclass(frozen=True)
@@ -29,9 +28,9 @@ class IsoC:
     scaling_factor: float = 1.0
 
 
-def isotropic_sum(taus: list[torch.Tensor]) -> torch.Tensor:
+def isotropic_sum(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """mean(S) · U Vᵀ of Σ_t τ_t = U S Vᵀ (the merged update before α)."""
-    u, s, vh = svd(summed(taus))
+    u, s, vh = svd(total(taus))
     return (u @ vh) * s.mean()
 
 

@@ -17,15 +17,14 @@ task matrices are in memory at once (`tensor` granularity); SVDs in the compute 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .base import Block, Method, Needs, docstring_summary
-from .ops import summed
-from .subspace import merge_task_vectors, orthogonal_factor, svd
+from .subspace import merge_task_vectors, orthogonal_factor, svd, total
 
 
 @dataclass(frozen=True)
@@ -45,10 +44,10 @@ def subspace_sizes(k: int, tasks: int, common_space_fraction: float) -> tuple[in
     return common, task_total // tasks
 
 
-def common_and_task_specific(taus: list[torch.Tensor], common_space_fraction: float) -> torch.Tensor:
+def common_and_task_specific(taus: Sequence[torch.Tensor], common_space_fraction: float) -> torch.Tensor:
     """mean(s) · U⊥ V⊥ᵀ over the common and task-specific subspaces (the merged update before α)."""
     common, per_task = subspace_sizes(min(taus[0].shape), len(taus), common_space_fraction)
-    u, s, vh = svd(summed(taus))
+    u, s, vh = svd(total(taus))
     u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
     left, values, right = [], [], []
     for tau in taus:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .base import Block
 from .ops import average, thread_count_independent
 
-MatrixMerge = Callable[[list[torch.Tensor]], torch.Tensor]
+MatrixMerge = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
 def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,12 +26,40 @@ def orthogonal_factor(matrix: torch.Tensor) -> torch.Tensor:
         return p @ q
 
 
+class TaskMatrices(Sequence[torch.Tensor]):
+    """τ_t = θ_t − θ_0 in `dtype`, each made when it is read: one task matrix in memory at a time, not T."""
+
+    def __init__(self, models: list[torch.Tensor], base: torch.Tensor, dtype: torch.dtype):
+        self.models, self.base, self.dtype = models, base, dtype
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @typing.overload
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    @typing.overload
+    def __getitem__(self, index: slice) -> list[torch.Tensor]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return torch.sub(self.models[index], self.base).to(self.dtype)
+
+
+def total(taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_t τ_t, added in order, holding one term at a time."""
+    out = taus[0].clone()
+    for t in range(1, len(taus)):
+        out += taus[t]
+    return out
+
+
 def merge_task_vectors(block: Block, scaling_factor: float, matrices: MatrixMerge) -> torch.Tensor:
     """θ_0 + α Δ: Δ = `matrices(τ_1 … τ_T)` for a matrix, the mean task vector for any other tensor."""
     base = block.base
-    taus = [m - base for m in block.models]
     if base.dim() != 2:
-        return base + average(taus) * scaling_factor
+        return base + average([m - base for m in block.models]) * scaling_factor
     wide = torch.promote_types(base.dtype, torch.float32)  # no SVD in half precision
     with thread_count_independent():
-        return base + (matrices([t.to(wide) for t in taus]) * scaling_factor).to(base.dtype)
+        return base + (matrices(TaskMatrices(block.models, base, wide)) * scaling_factor).to(base.dtype)

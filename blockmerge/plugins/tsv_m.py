@@ -17,7 +17,7 @@ the compute dtype, on the device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ class TsvM:
     scaling_factor: float = 1.0
 
 
-def task_singular_vectors(taus: list[torch.Tensor]) -> torch.Tensor:
+def task_singular_vectors(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """Δ = U⊥ S V⊥ᵀ of the task matrices `taus` (the merged update before α)."""
     rank = min(taus[0].shape) // len(taus)
     if rank == 0:
