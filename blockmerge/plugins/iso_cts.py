@@ -52,9 +52,9 @@ def common_and_task_specific(taus: Sequence[torch.Tensor], common_space_fraction
     left, values, right = [], [], []
     for tau in taus:
         tu, ts, tvh = svd(tau - u_c @ (u_c.T @ tau))
-        left.append(tu[:, :per_task])
-        values.append(ts[:per_task])
-        right.append(tvh[:per_task])
+        left.append(tu[:, :per_task].clone())  # copies: a view would keep the whole factor
+        values.append(ts[:per_task].clone())
+        right.append(tvh[:per_task].clone())
     values = torch.cat([*values, s_c])
     return (orthogonal_factor(torch.cat([*left, u_c], dim=1)) @ orthogonal_factor(torch.cat([*right, vh_c]))
             * values.mean())

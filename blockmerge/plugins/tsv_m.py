@@ -40,9 +40,9 @@ def task_singular_vectors(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     left, values, right = [], [], []
     for tau in taus:
         u, s, vh = svd(tau)
-        left.append(u[:, :rank])
-        values.append(s[:rank])
-        right.append(vh[:rank])
+        left.append(u[:, :rank].clone())  # copies: a view would keep the whole factor
+        values.append(s[:rank].clone())
+        right.append(vh[:rank].clone())
     return (orthogonal_factor(torch.cat(left, dim=1)) * torch.cat(values)) @ orthogonal_factor(torch.cat(right))
 
 
