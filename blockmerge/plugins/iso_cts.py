@@ -46,8 +46,9 @@ def subspace_sizes(k: int, tasks: int, common_space_fraction: float) -> tuple[in
 
 def common_and_task_specific(taus: Sequence[torch.Tensor], common_space_fraction: float) -> torch.Tensor:
     """mean(s) · U⊥ V⊥ᵀ over the common and task-specific subspaces (the merged update before α)."""
-    common, per_task = subspace_sizes(min(taus[0].shape), len(taus), common_space_fraction)
-    u, s, vh = svd(total(taus))
+    summed = total(taus)
+    common, per_task = subspace_sizes(min(summed.shape), len(taus), common_space_fraction)
+    u, s, vh = svd(summed)
     u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
     left, values, right = [], [], []
     for tau in taus:

@@ -34,11 +34,11 @@ class TsvM:
 
 def task_singular_vectors(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """Δ = U⊥ S V⊥ᵀ of the task matrices `taus` (the merged update before α)."""
-    rank = min(taus[0].shape) // len(taus)
-    if rank == 0:
-        return torch.zeros_like(taus[0])
     left, values, right = [], [], []
     for tau in taus:
+        rank = min(tau.shape) // len(taus)
+        if rank == 0:
+            return torch.zeros_like(tau)
         u, s, vh = svd(tau)
         left.append(u[:, :rank].clone())  # copies: a view would keep the whole factor
         values.append(s[:rank].clone())
