@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .adapter_merge import merge_adapters
+from .engine.adapters import open_model
 from .engine.job import Job, Layout, Summary, check
 from .engine.output import source_paths
 from .engine.plan import DEFAULT_BLOCK_BYTES
@@ -28,8 +30,8 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
           dtype: str | None = None, compute_dtype: str = "float32", resume: bool = False, overwrite: bool = False,
           codec: str = "none", max_shard_size: int | str = DEFAULT_SHARD_BYTES, progress: bool = False,
           executor: str = "local", scheduler: str | None = None, repo: str | os.PathLike | None = None,
-          copy_tokenizer: bool | str | os.PathLike = True, **hyperparameters: Any
-          ) -> dict[str, torch.Tensor] | Summary:
+          copy_tokenizer: bool | str | os.PathLike = True, adapter_rank: int | None = None, **hyperparameters: Any
+          ) -> dict[str, torch.Tensor] | Summary | dict[str, Any]:
     """Merge fine-tuned checkpoints with a registered method, one parameter block at a time.
 
     models, base: paths (safetensors, shard index, .bin/.pt, Hugging Face directory, blockmerge
@@ -40,11 +42,20 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     safetensors | hf) and returns the Summary. Hyperparameters use the canonical names of docs/methods.md §16.
     executor: `local`, or `dask` to run the blocks as tasks on the Dask cluster at `scheduler` (default
     $BLOCKMERGE_DASK_SCHEDULER, else a LocalCluster of this machine); inputs and `out` must then be
-    paths every worker sees. block_size: bytes of inputs per block (default 8 MiB, raised to the largest tensor
-    of a method that merges whole tensors; a given size is never exceeded). copy_tokenizer: an `hf` output gets
-    the base's (else the first model's) tokenizer files beside its config and other files; a directory: its
-    tokenizer files instead; False: none.
+    paths every worker sees. format `adapter`: the models are PEFT LoRA adapters of `base` and the method is linear
+    (`methods()` says which): `out` is one adapter, exact (rank Σ r) or truncated to `adapter_rank`, and the
+    report (ranks, truncation errors) is returned. block_size: bytes of inputs per block (default 8 MiB, raised
+    to the largest tensor of a method that merges whole tensors; a given size is never exceeded).
+    copy_tokenizer: an `hf` output gets the base's (else the first model's) tokenizer files beside its config and
+    other files; a directory: its tokenizer files instead; False: none.
     """
+    if format == "adapter":
+        if out is None or base is None:
+            raise BlockmergeError("an adapter output needs out= (--out) and the adapters' base (--base)")
+        return merge_adapters(method, list(models), base, out, rank=adapter_rank, overwrite=overwrite,
+                              **hyperparameters)
+    if adapter_rank is not None:
+        raise BlockmergeError("adapter_rank (--adapter-rank) is for format='adapter' (--format adapter)")
     if executor not in ("local", "dask"):
         raise BlockmergeError(f"unknown executor {executor!r} (local or dask)")
     if scheduler is not None and executor != "dask":
@@ -55,10 +66,10 @@ def merge(method: str, models: Sequence[Checkpointish], base: Checkpointish | No
     hp, common = parse_hyperparameters(spec, {**hyperparameters, **dict.fromkeys(in_memory, IN_MEMORY)})
     if isinstance(models, (str, os.PathLike, Mapping)) or len(models) == 0:
         raise BlockmergeError("models must be a non-empty list of checkpoints")
-    opened = [open_checkpoint(m, f"models[{i}]", repo=repo) for i, m in enumerate(models)]
+    opened_base = open_checkpoint(base, "base", repo=repo) if base is not None else None
+    opened = [open_model(m, f"models[{i}]", opened_base, repo) for i, m in enumerate(models)]
     job = Job(
-        method=spec, hyperparameters=hp, common=common, models=opened,
-        base=open_checkpoint(base, "base", repo=repo) if base is not None else None,
+        method=spec, hyperparameters=hp, common=common, models=opened, base=opened_base,
         stats=[open_statistics(s, f"stats[{i}]", repo) for i, s in enumerate(stats or [])],
         base_stats=open_statistics(base_stats, "base_stats", repo) if base_stats is not None else {},
         inputs={name: _hyperparameter_checkpoint(spec.name, name, in_memory.get(name, getattr(hp, name)), repo)

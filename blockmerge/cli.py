@@ -186,7 +186,10 @@ def main() -> None:
 @click.option("--base-stats", help="Statistics store of the base.")
 @click.option("--set", "sets", multiple=True, help="Hyperparameter NAME=VALUE (canonical names).")
 @click.option("--out", "-o", help="Output: a .safetensors file or a directory.")
-@click.option("--format", type=click.Choice(formats()), help="Output format (default: from --out).")
+@click.option("--format", type=click.Choice([*formats(), "adapter"]),
+              help="Output format (default: from --out); adapter: the models are LoRA adapters of --base, merged "
+                   "into one adapter.")
+@click.option("--adapter-rank", type=int, help="With --format adapter: truncate to this rank (default: exact).")
 @click.option("--block-size", help=f"Bytes of inputs per block (default {DEFAULT_BLOCK_BYTES // 2**20}MiB).")
 @click.option("--device", help="cpu, cuda or cuda:N.")
 @click.option("--dtype", help="Output dtype of merged tensors (default: the models').")
@@ -204,7 +207,7 @@ def main() -> None:
 @click.option("--scheduler", help="With --executor dask: tcp://HOST:8786 (default $BLOCKMERGE_DASK_SCHEDULER, "
               "else a local cluster).")
 @_errors
-def merge(config, method, base, models, stats, base_stats, sets, out, format, block_size, device, dtype,
+def merge(config, method, base, models, stats, base_stats, sets, out, format, adapter_rank, block_size, device, dtype,
           compute_dtype, codec, max_shard_size, repo, commit, message, resume, overwrite, quiet, executor,
           scheduler) -> None:
     """Merge checkpoints with a method and write the result (a mergekit configuration is read as mergekit does)."""
@@ -247,6 +250,8 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, bl
         raise BlockmergeError("statistics must be given for every model or none")
     options = {k: cfg[k] for k in ("format", "block_size", "device", "dtype", "compute_dtype", "codec",
                                    "max_shard_size") if cfg.get(k) is not None}
+    if adapter_rank is not None:
+        options["adapter_rank"] = adapter_rank
     if message and not commit:
         raise BlockmergeError("--message is for --commit")
     run = api.merge
@@ -258,7 +263,13 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, bl
                   base_stats=cfg.get("base_stats"), out=cfg["out"], resume=resume, overwrite=overwrite,
                   progress=show_progress(quiet), executor=executor, scheduler=scheduler, repo=repo, **options,
                   **hyperparameters)
-    if not quiet:
+    if quiet:
+        return
+    if isinstance(summary, dict):  # an adapter's report
+        rank = max((m["rank"] for m in summary["modules"].values()), default=0)
+        console().print(f"{cfg['method']}: adapter of rank up to {rank} written to {cfg['out']} (largest relative "
+                        f"truncation error {summary['relative_error']:.3g})")
+    else:
         print_summary([summary])
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import api
+from ..engine.adapters import open_model
 from ..engine.job import Summary
 from ..engine.sources import open_checkpoint, open_statistics
 from ..errors import BlockmergeError
@@ -61,8 +62,8 @@ def merge_and_commit(method: str, models: list, base: Any, stats: list | None, b
     """Merge (REV:PATH inputs read from the repository) and commit the result at `out`; the merge's Summary."""
     git = Repo(repo or ".")
     path = _check_target(git, out)
-    opened = [open_checkpoint(m, f"models[{i}]", repo=git.root) for i, m in enumerate(models)]
     opened_base = open_checkpoint(base, "base", repo=git.root) if base is not None else None
+    opened = [open_model(m, f"models[{i}]", opened_base, git.root) for i, m in enumerate(models)]
     opened_stats = [open_statistics(s, f"stats[{i}]", git.root) for i, s in enumerate(stats)] if stats else None
     opened_base_stats = open_statistics(base_stats, "base_stats", git.root) if base_stats is not None else None
     head = git.commit_of("HEAD")

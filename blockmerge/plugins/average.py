@@ -30,4 +30,4 @@ def _merge(block: Block, hp: Average, state: Mapping[str, Any]) -> torch.Tensor:
 
 
 METHOD = Method(name="average", description=docstring_summary(__doc__), hyperparameters=Average,
-                merge=_merge)
+                merge=_merge, linear=True)

@@ -120,6 +120,9 @@ class Method:
     `prepare` runs once per tensor, on one of its slices, before any of them merges; it may read
     only what every slice of the tensor has whole (its name and shape, whole statistics, the state).
 
+    `linear`: the merge is c_0 θ_0 + Σ_i c_i θ_i with coefficients fixed by the (resolved) hyperparameters, the same
+    for every element of a tensor; LoRA adapters merged by it are again an adapter.
+
     A method that reports (`Block.report`) declares in `report_bytes` the most characters one report takes as
     JSON: a single-file output keeps that much room in its header (more costs a copy of the file).
     """
@@ -135,6 +138,7 @@ class Method:
     model_count: tuple[int, int | None] = (1, None)
     check: Callable[[Any, int], None] | None = None
     report_bytes: int = 0
+    linear: bool = False
 
     def validate(self, hyperparameters: Any, num_models: int) -> None:
         """Raises ValueError where the method does not merge `num_models` models, or the hyperparameters do not fit
@@ -212,6 +216,7 @@ def describe(method: Method, hyperparameters: Any = None) -> dict[str, Any]:
         "one_of_statistics": list(needs.one_of_statistics),
         "base_statistics": list(needs.base_statistics),
         "checkpoints": list(needs.checkpoints),
+        "linear": method.linear,
     }
 
 

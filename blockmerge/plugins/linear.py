@@ -36,4 +36,5 @@ def _merge(block: Block, hp: Linear, state: Mapping[str, Any]) -> torch.Tensor:
     return weighted_sum(block.models, weights, divisor)
 
 
-METHOD = Method(name="linear", description=docstring_summary(__doc__), hyperparameters=Linear, merge=_merge)
+METHOD = Method(name="linear", description=docstring_summary(__doc__), hyperparameters=Linear, merge=_merge,
+                linear=True)

@@ -33,4 +33,4 @@ def _merge(block: Block, hp: TaskArithmetic, state: Mapping[str, Any]) -> torch.
 
 METHOD = Method(name="task_arithmetic", description=docstring_summary(__doc__),
                 hyperparameters=TaskArithmetic, merge=_merge,
-                needs=lambda hp: Needs(base=True))
+                needs=lambda hp: Needs(base=True), linear=True)
