@@ -38,6 +38,7 @@ class Entry:
     oid: str
     size: int
     update_type: str
+    last_commit: str | None  # for an incremental update: the commit holding the value it updates
 
 
 def parse(data: bytes, label: str) -> dict[str, Entry]:
@@ -77,6 +78,7 @@ def _entry(keys: tuple[str, ...], leaf: dict, label: str) -> Entry:
         match = _SHAPE.match(tensor["shape"])
         stored = tensor["dtype"]
         oid, size, update_type = lfs["oid"], int(lfs["size"]), theta["update_type"]
+        last_commit = theta.get("last_commit")
     except (KeyError, TypeError, ValueError) as err:
         raise BlockmergeError(f"corrupt git-theta metadata entry ({type(err).__name__}: {err})", path=label,
                               param=name) from None
@@ -89,7 +91,9 @@ def _entry(keys: tuple[str, ...], leaf: dict, label: str) -> Entry:
     if stored == "uint16" and not half:
         raise BlockmergeError("uint16 tensors are not supported", path=label, param=name)
     shape = tuple(int(d) for d in match.group(1).rstrip(",").split(", ")) if match.group(1) else ()
-    return Entry(keys, name, shape, half or stored, stored, oid, size, str(update_type))
+    if last_commit is not None and not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", str(last_commit)):
+        raise BlockmergeError(f"corrupt git-theta metadata entry (last_commit {last_commit!r})", path=label, param=name)
+    return Entry(keys, name, shape, half or stored, stored, oid, size, str(update_type), last_commit)
 
 
 def stored_form(name: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:

@@ -30,14 +30,27 @@ def encode(array: np.ndarray) -> bytes:
 
 def decode(data: bytes, label: str, param: str) -> np.ndarray:
     """The array of a dense parameter's LFS object."""
+    parts = decode_parts(data, label, param)
+    if "parameter" not in parts:
+        raise BlockmergeError(f"undecodable git-theta parameter object (holds {', '.join(sorted(parts))}, not "
+                              "'parameter')", path=label, param=param)
+    return parts["parameter"]
+
+
+def decode_parts(data: bytes, label: str, param: str) -> dict[str, np.ndarray]:
+    """The named arrays of a parameter's LFS object (`parameter` for a dense one; `R` and `C` of a low-rank
+    update, and so on)."""
     try:
         parts = msgpack.unpackb(data, raw=False)
-        chunks = parts["parameter"]
-        context = ts.Context()
-        kv = ts.KvStore.open("memory://", context=context).result()
-        for key, value in chunks.items():
-            kv[key] = value
-        return ts.open({"driver": "zarr", "kvstore": "memory://"}, context=context, open=True).result().read().result()
+        arrays = {}
+        for part, chunks in parts.items():
+            context = ts.Context()
+            kv = ts.KvStore.open("memory://", context=context).result()
+            for key, value in chunks.items():
+                kv[key] = value
+            arrays[part] = ts.open({"driver": "zarr", "kvstore": "memory://"}, context=context,
+                                   open=True).result().read().result()
+        return arrays
     except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as err:
         raise BlockmergeError(f"undecodable git-theta parameter object ({str(err).splitlines()[0][:200]})",
                               path=label, param=param) from None

@@ -18,25 +18,36 @@ from ..engine.sources import Checkpoint
 from ..engine.tensors import TensorSpec, from_numpy
 from ..errors import BlockmergeError
 from . import metadata
-from .parameters import decode
+from .parameters import decode, decode_parts
 from .repo import Repo
+from .updates import INCREMENTAL, apply_update
 
 
 class TrackedCheckpoint(Checkpoint):
     """The tensors a git-theta metadata file describes, read lazily from the repository's LFS objects."""
 
-    def __init__(self, repo: Repo, data: bytes, label: str):
+    def __init__(self, repo: Repo, data: bytes, label: str, path: str | None = None):
         self.repo = repo
         self.label = label
+        self.path = path
         self.entries = metadata.parse(data, label)
         self.specs = {n: TensorSpec(e.shape, e.dtype) for n, e in sorted(self.entries.items())
                       if n != metadata.HEADER_NAME}
         for name, entry in self.entries.items():
-            if entry.update_type != "dense":
-                raise BlockmergeError(f"git-theta update type {entry.update_type!r} is not supported (only "
-                                      "dense parameters are read)", path=label, param=name)
+            if entry.update_type == "dense":
+                continue
+            if entry.update_type not in INCREMENTAL:
+                raise BlockmergeError(f"git-theta update type {entry.update_type!r} is not supported (dense, "
+                                      f"{', '.join(INCREMENTAL)} are)", path=label, param=name)
+            if entry.dtype != entry.stored_dtype:
+                raise BlockmergeError(f"a {entry.dtype} parameter stored as a {entry.update_type} update is not "
+                                      "supported (half precision is tracked dense)", path=label, param=name)
+            if not entry.last_commit or path is None:
+                raise BlockmergeError(f"git-theta {entry.update_type} update without the commit of its previous "
+                                      "value", path=label, param=name)
         self._lock = threading.Lock()
         self._cached: tuple[str, torch.Tensor] | None = None
+        self._previous: dict[str, TrackedCheckpoint] = {}
 
     def tensor(self, name: str) -> torch.Tensor:
         """The whole tensor `name`, decoded from its LFS object."""
@@ -48,10 +59,15 @@ class TrackedCheckpoint(Checkpoint):
             return tensor
 
     def array(self, name: str) -> np.ndarray:
-        """The stored array of `name`, in the tensor's dtype (halves viewed back from their bits)."""
+        """The stored array of `name`, in the tensor's dtype (halves viewed back from their bits); an incremental
+        update applied to the value at the commit it names."""
         entry = self.entries[name]
         data = self.repo.read_lfs(entry.oid, entry.size, self.label, name)
-        array = decode(data, self.label, name)
+        if entry.update_type == "dense":
+            array = decode(data, self.label, name)
+        else:
+            array = apply_update(entry.update_type, decode_parts(data, self.label, name),
+                                 self.previous(entry.last_commit).array(name), self.label, name)
         if tuple(array.shape) != entry.shape or array.dtype.name != entry.stored_dtype:
             raise BlockmergeError(f"LFS object holds {array.dtype.name} {list(array.shape)}, metadata says "
                                   f"{entry.stored_dtype} {list(entry.shape)}", path=self.label, param=name)
@@ -60,6 +76,17 @@ class TrackedCheckpoint(Checkpoint):
 
             array = array.view(ml_dtypes.bfloat16 if entry.dtype == "bfloat16" else np.float16)
         return array
+
+    def previous(self, commit: str) -> TrackedCheckpoint:
+        """The same file at `commit` (where an incremental update finds the value it changes)."""
+        if commit not in self._previous:
+            blob = self.repo.blob_of(commit, self.path)
+            if blob is None:
+                raise BlockmergeError(f"the commit {commit[:12]} that an update is based on has no {self.path}",
+                                      path=self.label)
+            self._previous[commit] = TrackedCheckpoint(self.repo, self.repo.blob(blob), f"{commit[:12]}:{self.path}",
+                                                       self.path)
+        return self._previous[commit]
 
     def file_name(self) -> str:
         return PurePosixPath(self.path).name
@@ -84,13 +111,13 @@ class RevisionCheckpoint(TrackedCheckpoint):
     """A tracked file at a revision: `rev:path`, with the commit and blob it resolved to."""
 
     def __init__(self, repo: Repo, rev: str, path: str):
-        self.rev, self.path = rev, path
+        self.rev = rev
         self.commit = repo.commit_of(rev)
         blob = repo.blob_of(self.commit, path)
         if blob is None:
             raise BlockmergeError(f"no such file at revision {rev} ({self.commit[:12]})", path=f"{rev}:{path}")
         self.blob = blob
-        super().__init__(repo, repo.blob(blob), f"{rev}:{path}")
+        super().__init__(repo, repo.blob(blob), f"{rev}:{path}", path)
 
 
 def split_revision(spec: str) -> tuple[str, str] | None:

@@ -57,7 +57,7 @@ def merge_sides(repo: Repo, path: str, ours: Side, theirs: Side, base: Side, met
     spec = get(method)
     hp, _ = parse_hyperparameters(spec, hyperparameters)
     needs = spec.needs(hp)
-    models = [TrackedCheckpoint(repo, side.data, side.label) for side in (ours, theirs)]
+    models = [TrackedCheckpoint(repo, side.data, side.label, path) for side in (ours, theirs)]
     kinds = [*needs.statistics, *needs.optional_statistics, *needs.one_of_statistics]
     stats = [lookup_statistics(repo, side, path, kinds, set(needs.statistics)) for side in (ours, theirs)]
     base_stats = lookup_statistics(repo, base, path, list(needs.base_statistics), set(needs.base_statistics))
@@ -66,7 +66,7 @@ def merge_sides(repo: Repo, path: str, ours: Side, theirs: Side, base: Side, met
     tmp = Path(tempfile.mkdtemp(dir=work, prefix="merge-"))
     try:
         out = tmp / "merged.safetensors"
-        api.merge(method, models, base=TrackedCheckpoint(repo, base.data, base.label) if needs.base else None,
+        api.merge(method, models, base=TrackedCheckpoint(repo, base.data, base.label, path) if needs.base else None,
                   stats=stats if any(stats) else None, base_stats=base_stats or None, out=out,
                   **hyperparameters)
         keys_of = {name: e.keys[:-1] if e.dtype != e.stored_dtype else e.keys for name, e in
