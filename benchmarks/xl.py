@@ -51,7 +51,9 @@ The 7B run (one run of each tool per method and limit). On 2 cores, scaled from 
 ~9 s per GB written; blockmerge's average ~6 s and TIES ~23 s of merge per GB of the inputs it reads, cold,
 under 2 GiB), expect about 6 minutes to generate, 10 for the floors, 45-50 for blockmerge's six methods, 40 for
 `--dask`, and mergekit's runs on top (at 16 GiB its TIES alone may take half an hour): 3-4 hours in all.
-`--run-timeout` (6 h) stops a run that hangs.
+`--run-timeout` (6 h) stops a run that hangs. A run that is interrupted resumes with `--resume` (give `--keep` both
+times so the family survives): every floor, merge and Dask comparison is journaled in `--workdir` as it is measured,
+and a journal of the same settings and the same blockmerge code (its git tree, no uncommitted edits) is continued.
 
     python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit==0.1.5
     python benchmarks/xl.py --shape 7b --mergekit /tmp/mkvenv/bin/mergekit-yaml --dask --keep
@@ -721,7 +723,8 @@ def one_run(tool: str, method: str, cfg: Path, inputs: list[Path], out: Path, ki
     files = output_files(out)
     row = {"method": method, "tool": tool, "cache": "warm" if args.warm else "cold", "inputs": inputs_key(inputs),
            **r, "output_bytes": sum(files.values()),
-           "output_weight_bytes": sum(s for n, s in files.items() if n.endswith(".safetensors"))}
+           "output_weight_bytes": sum(s for n, s in files.items() if n.endswith(".safetensors")),
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if tool == "blockmerge":
         row.update(blockmerge_figures(text))
     else:
@@ -982,7 +985,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Python {m['python']}, torch {m['torch']}, blockmerge {m['blockmerge_commit']}, mergekit "
         f"{result.get('mergekit_version') or 'not run'}; load average at start {m['load_average_at_start']}; "
         f"{result['disk_free_bytes'] / GB:.0f} GB free under the work directory at start.", "",
-        f"Command: `{result['command']}`", "",
+        f"Command: `{result['command']}`"
+        + (f" (resuming the run started {result['resumed_from']}: rows measured before the interruption were kept; "
+           "each row's `finished` time is in xl.json)" if result.get("resumed_from") else ""), "",
         f"Family: shape {result['shape']} ({SHAPE_NAMES[result['shape']]}: hidden {geometry['hidden_size']}, "
         f"{geometry['num_hidden_layers']} layers, MLP {geometry['intermediate_size']}, "
         f"{geometry['num_attention_heads']} heads / {geometry['num_key_value_heads']} KV heads, vocab "
@@ -1104,6 +1109,65 @@ def machine() -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def blockmerge_tree() -> str:
+    """The git tree of the blockmerge package (the code measured), with '+dirty' when it has uncommitted edits."""
+    repo = Path(__file__).resolve().parents[1]
+    tree = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD:blockmerge"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "blockmerge"], capture_output=True,
+                           text=True)
+    return tree.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if tree.returncode == 0 else "unknown"
+
+
+class Journal:
+    """What a run has measured so far, written after each measurement, so an interrupted run resumes (`--resume`)
+    where it stopped; only a journal of the same settings and blockmerge code (`key`) is resumed."""
+
+    def __init__(self, path: Path, key: dict[str, Any], resume: bool):
+        self.path, self.key = path, key
+        self.data: dict[str, Any] = {"key": key, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "floors": {},
+                                     "runs": [], "dask": {}}
+        self.resumed: str | None = None
+        if resume and path.is_file():
+            found = json.loads(path.read_text())
+            if found.get("key") == key and not str(key["blockmerge"]).endswith("+dirty"):
+                self.data, self.resumed = found, found["started"]
+                print(f"resuming the run started {found['started']}: {len(found['runs'])} runs measured", flush=True)
+            else:
+                print(f"{path}: another run's journal (other settings or code): starting afresh", flush=True)
+
+    def floor(self, key: str, when: str) -> dict | None:
+        return self.data["floors"].get(key, {}).get(when)
+
+    def run(self, tool: str, method: str, limit: int) -> dict | None:
+        return next((r for r in self.data["runs"] if (r["tool"], r["method"], r["limit_bytes"]) ==
+                     (tool, method, limit)), None)
+
+    def dask(self, method: str) -> list[dict] | None:
+        return self.data["dask"].get(method)
+
+    def add_floor(self, key: str, when: str, floor: dict) -> None:
+        self.data["floors"].setdefault(key, {})[when] = floor
+        self._save()
+
+    def add_run(self, row: dict) -> None:
+        if row not in self.data["runs"]:
+            self.data["runs"].append(row)
+            self._save()
+
+    def add_dask(self, method: str, rows: list[dict]) -> None:
+        self.data["dask"][method] = rows
+        self._save()
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="7b", choices=list(SHAPES), help="geometry of the family (default 7b)")
@@ -1127,6 +1191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-timeout", type=float, default=6 * 3600,
                         help="seconds after which a merge is stopped and recorded as timed out (default 6 h; 0: none)")
     parser.add_argument("--keep", action="store_true", help="keep the generated family for a later run")
+    parser.add_argument("--resume", action="store_true", help="keep what an interrupted run of the same settings "
+                        "and the same blockmerge code measured (its journal in --workdir) and run only the rest; "
+                        "give --keep to both, so the family survives the interruption")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/blockmerge-xl"))
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--describe", nargs=2, help=argparse.SUPPRESS)
@@ -1189,6 +1256,10 @@ def main(argv: list[str] | None = None) -> None:
         "limit_description": limit_description, "cache_description": cache_description,
         "disk_free_bytes": shutil.disk_usage(args.workdir).free, "can_drop_caches": can_drop,
         "configs": {m: MERGES[m] for m in args.methods}, "floors": {}, "runs": [], "dask": []}
+    journal = Journal(args.workdir / f"journal-{args.shape}{'-warm' if args.warm else ''}.json", {
+        "shape": args.shape, "warm": args.warm, "limit_kind": kind, "limit": args.limit,
+        "mergekit_limits": result["mergekit_limits"], "mergekit_version": mk_version, "dask": args.dask,
+        "blockmerge": blockmerge_tree()}, args.resume)
     try:
         dirs, family = ensure_family(args, root, kind)
         result["family"] = {k: v for k, v in family.items() if k != "files"}
@@ -1203,10 +1274,14 @@ def main(argv: list[str] | None = None) -> None:
 
         def floors(when: str) -> None:
             for key, files in sets.items():
+                if journal.floor(key, when) is not None:
+                    result["floors"].setdefault(key, {})[when] = journal.floor(key, when)
+                    continue
                 print(f"disk floor ({when}): {key}, {decimal(sum(p.stat().st_size for p in files))} read cold + "
                       f"{decimal(out_bytes)} written and fsynced ...", flush=True)
                 f = disk_floor(files, out_bytes, outs, args.warm)
                 result["floors"].setdefault(key, {})[when] = f
+                journal.add_floor(key, when, f)
                 print(f"  read cold {f['read_cold_s']:.2f} s, write {f['write_s']:.2f} s, floor {f['cold_s']:.2f} s"
                       + (f", warm {f['warm_s']:.2f} s" if "warm_s" in f else ""), flush=True)
 
@@ -1216,14 +1291,20 @@ def main(argv: list[str] | None = None) -> None:
                 if tool == "mergekit" and not mergekit:
                     continue
                 for limit in [args.limit] if tool == "blockmerge" else args.mergekit_limits:
-                    result["runs"].append(one_run(tool, method, configs[method], inputs[method],
-                                                  outs / f"{tool}-{method}", kind, limit, args,
-                                                  outs / f"{tool}-{method}.log"))
+                    row = journal.run(tool, method, limit) or one_run(
+                        tool, method, configs[method], inputs[method], outs / f"{tool}-{method}", kind, limit, args,
+                        outs / f"{tool}-{method}.log")
+                    journal.add_run(row)
+                    result["runs"].append(row)
         for method in dask_methods:
-            for row in dask_compare(method, dirs, inputs[method], outs, kind, args.limit, args):
-                row["inputs"] = inputs_key(inputs[method])
-                row["cache"] = "warm" if args.warm else "cold"
-                result["dask"].append(row)
+            rows = journal.dask(method)
+            if rows is None:
+                rows = dask_compare(method, dirs, inputs[method], outs, kind, args.limit, args)
+                for row in rows:
+                    row["inputs"] = inputs_key(inputs[method])
+                    row["cache"] = "warm" if args.warm else "cold"
+                journal.add_dask(method, rows)
+            result["dask"].extend(rows)
         floors("end")
     finally:
         shutil.rmtree(outs, ignore_errors=True)
@@ -1234,6 +1315,8 @@ def main(argv: list[str] | None = None) -> None:
             args.workdir.rmdir()
         except OSError:
             pass
+    journal.finish()
+    result["resumed_from"] = journal.resumed
     add_ratios(result)
     result["targets"] = targets(result)
     args.results.mkdir(parents=True, exist_ok=True)
