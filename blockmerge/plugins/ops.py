@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+DOT_CHUNK = 8192  # OpenBLAS splits longer dot products across its threads, and their sums with the thread count
+
 
 def summed(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Σ of same-shaped tensors, in a new tensor."""
@@ -123,9 +125,28 @@ def gram_pairs(count: int) -> list[tuple[int, int]]:
 
 def pair_products(vectors: list[torch.Tensor]) -> torch.Tensor:
     """Per row (first axis): v_k · v_j of every pair k ≤ j (`gram_pairs` order) in float64, [rows, pairs] on the CPU;
-    with `tensor_pass`, their exact totals over a tensor."""
-    wide = [v.to(torch.float64) for v in vectors]
-    return torch.stack([row_sums(wide[k] * wide[j]) for k, j in gram_pairs(len(wide))], dim=1).cpu()
+    with `tensor_pass`, their exact totals over a tensor. A row's products depend only on that row's entries."""
+    if vectors[0].device.type != "cpu":
+        wide = [v.to(torch.float64) for v in vectors]
+        return torch.stack([row_sums(wide[k] * wide[j]) for k, j in gram_pairs(len(wide))], dim=1).cpu()
+    rows = vectors[0].shape[0] if vectors[0].dim() else 1
+    width = math.prod(vectors[0].shape[1:]) if vectors[0].dim() else 1
+    wide = [v.reshape(rows, width).to(torch.float64).numpy() for v in vectors]
+    return torch.from_numpy(np.stack([row_dots(wide[k], wide[j]) for k, j in gram_pairs(len(wide))], axis=1))
+
+
+def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Σ_j a[i, j] b[i, j] for each row i of two [rows, width] float64 arrays, each row in an order set by the width
+    alone: BLAS dot products of at most `DOT_CHUNK` entries, their results summed pairwise."""
+    rows, width = a.shape
+    whole = width - width % DOT_CHUNK
+    if whole == 0:
+        return np.vecdot(a, b)
+    count = whole // DOT_CHUNK
+    chunks = np.vecdot(a[:, :whole].reshape(rows, count, DOT_CHUNK), b[:, :whole].reshape(rows, count, DOT_CHUNK))
+    if whole < width:
+        chunks = np.concatenate([chunks, np.vecdot(a[:, whole:], b[:, whole:])[:, None]], axis=1)
+    return np.add.reduce(chunks, axis=1)
 
 
 def gram_matrix(sums: list[float]) -> np.ndarray:
