@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,14 +60,24 @@ class AdapterLayout:
 
 
 def is_adapter(path: object) -> bool:
-    """Whether `path` is a PEFT adapter directory."""
-    return isinstance(path, (str, Path)) and (Path(path) / CONFIG_FILE).is_file()
+    """Whether `path` is a PEFT adapter directory (False for a name the OS cannot look up: its opener says why)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    try:
+        return (Path(path) / CONFIG_FILE).is_file()
+    except OSError:
+        return False
 
 
 def adapter_base(directory: Path) -> str | None:
     """The adapter's base model where its config names a local directory, else None."""
     name = _config(directory).get("base_model_name_or_path")
-    return name if isinstance(name, str) and name and Path(name).is_dir() else None
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        return name if Path(name).is_dir() else None
+    except OSError:
+        return None
 
 
 def _config(directory: Path) -> dict:
