@@ -51,12 +51,15 @@ The 7B run (one run of each tool per method and limit). On 2 cores, scaled from 
 ~9 s per GB written; blockmerge's average ~6 s and TIES ~23 s of merge per GB of the inputs it reads, cold,
 under 2 GiB), expect about 6 minutes to generate, 10 for the floors, 45-50 for blockmerge's six methods, 40 for
 `--dask`, and mergekit's runs on top (at 16 GiB its TIES alone may take half an hour): 3-4 hours in all.
-`--run-timeout` (6 h) stops a run that hangs. A run that is interrupted resumes with `--resume` (give `--keep` both
-times so the family survives): every floor, merge and Dask comparison is journaled in `--workdir` as it is measured,
-and a journal of the same settings and the same blockmerge code (its git tree, no uncommitted edits) is continued.
+`--run-timeout` (6 h) stops a run that hangs; at 7B give it 1800: under a 2 GiB limit mergekit does not fail, it
+thrashes (its resident set at the limit, its inputs read again and again at the disk's speed) and would take hours,
+so the table records it as not finished in 30 minutes. A run that is interrupted resumes with `--resume` (give
+`--keep` both times so the family survives): every floor, merge and Dask comparison is journaled in `--workdir` as
+it is measured, and a journal of the same settings and the same blockmerge code (its git tree, no uncommitted
+edits) is continued.
 
     python3 -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit==0.1.5
-    python benchmarks/xl.py --shape 7b --mergekit /tmp/mkvenv/bin/mergekit-yaml --dask --keep
+    python benchmarks/xl.py --shape 7b --mergekit /tmp/mkvenv/bin/mergekit-yaml --dask --keep --run-timeout 1800
     # the warm-cache ratios, on the family kept above (deleted after this run)
     python benchmarks/xl.py --shape 7b --mergekit /tmp/mkvenv/bin/mergekit-yaml --warm \\
         --methods average task_arithmetic --results /tmp/xl-warm
