@@ -68,13 +68,6 @@ def write_adapter(directory: Path, base: Path, family: pm.Family, rank: int, ind
     tmp.rename(directory)
 
 
-def model_count(method: str, adapters: int) -> int:
-    from blockmerge.plugins import registry
-
-    least, most = registry()[method].model_count
-    return max(least, min(adapters, most or adapters))
-
-
 def drop_caches(paths: list[Path]) -> None:
     for path in paths:
         for f in ([path] if path.is_file() else sorted(path.iterdir())):
@@ -119,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         materialised.append(full)
     rows = []
     for method in args.methods:
-        count = model_count(method, args.adapters)
+        count = pm.merge_plan(method, {}, args.adapters)["models"]
         outputs = {}
         for source, models in (("adapters", adapters[:count]), ("materialised", materialised[:count])):
             out = folder / f"out-{method}-{source}.safetensors"
