@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import peft
 import pytest
@@ -223,6 +224,13 @@ def _adapter_copy(family, tmp_path, edit=None, weights=None):
     (None, lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"), "without its other"),
     (None, lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 7)}),
      r"the LoRA update is \[32, 7\]"),
+    (None, lambda t: t.update({"model.norm.weight": torch.ones(32)}), "not a PEFT adapter tensor"),
+    (None, lambda t: t.update({"base_model.model.model.norm.lora_C.weight": torch.ones(32)}), "unknown LoRA tensor"),
+    (None, lambda t: t.update({"base_model.model.model.norm.lora_B.bias": torch.ones(32)}),
+     "lora_B.bias without the module's LoRA factors"),
+    (None, lambda t: t.update({"base_model.model.model.no_such.weight": torch.ones(3)}),
+     "the adapter changes a tensor the base"),
+    (lambda c: c.update(lora_alpha="many"), None, "bad LoRA setting"),
 ])
 def test_bad_adapters_stop_with_one_line(family, tmp_path, edit, weights, message):
     adapter = _adapter_copy(family, tmp_path, edit, weights)
@@ -230,6 +238,38 @@ def test_bad_adapters_stop_with_one_line(family, tmp_path, edit, weights, messag
     with pytest.raises(BlockmergeError, match=message) as err:
         api.merge("task_arithmetic", [adapter], base=base)
     assert "\n" not in str(err.value)
+
+
+def test_an_adapter_without_its_weights_file_is_named(family, tmp_path):
+    adapter = Path(_adapter_copy(family, tmp_path))
+    config = (adapter / "adapter_config.json").read_text()
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(BlockmergeError, match="the adapter config is not a JSON object"):
+        api.merge("task_arithmetic", [str(adapter)], base=str(family / "base"))
+    (adapter / "adapter_config.json").write_text(config)
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(BlockmergeError, match="adapter_model.bin is pickled; convert it"):
+        api.merge("task_arithmetic", [str(adapter)], base=str(family / "base"))
+    (adapter / "adapter_model.bin").unlink()
+    with pytest.raises(BlockmergeError, match="no adapter_model.safetensors"):
+        api.merge("task_arithmetic", [str(adapter)], base=str(family / "base"))
+
+
+def test_adapter_output_misuse_stops_with_one_line(family, tmp_path):
+    adapters = [str(family / f"adapter{i}") for i in range(2)]
+    base = str(family / "base")
+    cases = [
+        (dict(base=base, out=tmp_path / "x", format="adapter", adapter_rank=0), "adapter rank must be at least 1"),
+        (dict(base=None, out=tmp_path / "x", format="adapter"), "needs out= \\(--out\\) and the adapters' base"),
+        (dict(base=base, out=tmp_path / "x.safetensors", adapter_rank=2), "adapter_rank \\(--adapter-rank\\) is for"),
+        (dict(base=base, out=family / "adapter0", format="adapter", overwrite=True), "the output is one of the inputs"),
+        (dict(base=base, out=family / "full0", format="adapter", overwrite=True), "is not a merged adapter"),
+    ]
+    for options, message in cases:
+        with pytest.raises(BlockmergeError, match=message) as err:
+            api.merge("task_arithmetic", adapters, **options)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.safetensors").exists()
 
 
 def test_non_linear_methods_refuse_an_adapter_output(family, tmp_path):

@@ -149,3 +149,39 @@ def test_sparse_and_ia3_updates_apply_as_git_theta_does():
     with pytest.raises(BlockmergeError, match="does not apply"):
         apply_update("low-rank", {"R": np.ones((3, 1), np.float32), "C": np.ones((1, 5), np.float32)}, previous,
                      "x", "w")
+
+
+@pytest.mark.parametrize("edit, path, message", [
+    (lambda theta: theta.update(update_type="tucker"), "model.safetensors", "update type 'tucker' is not supported"),
+    (lambda theta: theta.update(last_commit=None), "model.safetensors", "update without the commit of its previous"),
+    (lambda theta: theta.update(last_commit="HEAD~1"), "model.safetensors", "corrupt git-theta metadata entry"),
+    (lambda theta: None, None, "update without the commit of its previous value"),
+])
+def test_bad_incremental_updates_stop_with_one_line(repo, edit, path, message):
+    from blockmerge.gittheta.revision import TrackedCheckpoint
+
+    metadata = json.loads(git(repo, "show", "task-a:model.safetensors").stdout)
+    edit(metadata["layer.0.attn.weight"]["theta_metadata"])
+    with pytest.raises(BlockmergeError, match=message) as err:
+        TrackedCheckpoint(Repo(repo), json.dumps(metadata).encode(), "edited", path)
+    assert "\n" not in str(err.value)
+
+
+def test_an_update_whose_previous_commit_lacks_the_file_is_named(repo):
+    from blockmerge.gittheta.revision import TrackedCheckpoint
+
+    metadata = json.loads(git(repo, "show", "task-a:model.safetensors").stdout)
+    ckpt = TrackedCheckpoint(Repo(repo), json.dumps(metadata).encode(), "moved", "elsewhere/model.safetensors")
+    with pytest.raises(BlockmergeError, match="that an update is based on has no elsewhere/model.safetensors"):
+        ckpt.tensor("layer.0.attn.weight")
+
+
+def test_a_half_precision_parameter_stored_as_an_update_is_refused(repo):
+    from blockmerge.gittheta.revision import TrackedCheckpoint
+
+    metadata = json.loads(git(repo, "show", "task-a:model.safetensors").stdout)
+    entry = metadata.pop("layer.0.attn.weight")
+    entry["tensor_metadata"]["dtype"] = "uint16"
+    metadata["layer.0.attn.weight"] = {"#bfloat16": entry}
+    with pytest.raises(BlockmergeError, match="a bfloat16 parameter stored as a low-rank update is not supported"):
+        TrackedCheckpoint(Repo(repo), json.dumps(metadata).encode(), "half", "model.safetensors")
