@@ -187,7 +187,7 @@ class Output:
         """Move the finished output onto OUT (replacing it when allowed) and clean up."""
         self._journal.close()
         check_existing(self.out, self.kind, self.overwrite)
-        _fsync_tree(self.payload)
+        fsync_tree(self.payload)
         faults.point("commit")
         if self.kind != "file" and os.path.lexists(self.out):
             # a directory cannot be renamed over a non-empty one: the previous output is moved aside first
@@ -438,7 +438,8 @@ def _read_journal(path: Path) -> tuple[dict[tuple[str, int, int], Journaled], di
     return done, passes
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """A file, or every file and directory under a directory, flushed to disk."""
     paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
