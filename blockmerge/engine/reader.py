@@ -87,6 +87,7 @@ class Reader:
         self.whole_stats: dict[tuple, torch.Tensor] = {}
         self.fresh: set[tuple] = set()  # keys of whole_stats read by the latest read()
         self.hasher: ThreadPoolExecutor | None = None  # hashes inputs while blocks() runs
+        self.bar: tqdm | None = None  # one progress bar for the reads of several blocks() (else one per call)
 
     def _inputs(self, ref: BlockRef) -> tuple[list[int], bool]:
         """Which models and whether the base are read for a block."""
@@ -200,8 +201,7 @@ class Reader:
 
     def blocks(self, refs: list[BlockRef], desc: str) -> Iterator[RawBlock]:
         """Blocks read one ahead on a background thread, in plan order."""
-        total = sum(self.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
-        bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.job.progress, leave=False)
+        bar = self.bar or self.progress_bar(self.bytes_of(refs), desc)
         try:
             # The reader's checks are memory-bound; a team of OpenMP threads of its own would compete with the merge.
             with (ThreadPoolExecutor(1, thread_name_prefix="blockmerge-read", initializer=torch.set_num_threads,
@@ -219,7 +219,8 @@ class Reader:
                                                        self.has_whole_stats(refs[i + 1]))
                     pending = read(i + 1) if ahead else None
                     self.summary.bytes_read += raw.nbytes
-                    bar.set_postfix_str(f"block {i + 1}/{len(refs)}", refresh=False)
+                    if bar is not self.bar:
+                        bar.set_postfix_str(f"block {i + 1}/{len(refs)}", refresh=False)
                     bar.update(raw.nbytes)
                     yield raw
                     self.sample_memory()
@@ -230,7 +231,15 @@ class Reader:
                         pending = read(i + 1)
         finally:
             self.hasher = None
-            bar.close()
+            if bar is not self.bar:
+                bar.close()
+
+    def bytes_of(self, refs: list[BlockRef]) -> int:
+        """Bytes read for the blocks `refs`."""
+        return sum(self.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
+
+    def progress_bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.job.progress, leave=False)
 
     def sample_memory(self) -> None:
         """Fold the process's resident anonymous and file-backed bytes now into `peak_parts`.
