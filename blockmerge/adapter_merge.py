@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from .engine.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE, open_adapter
-from .engine.output import check_output
+from .engine.output import check_output, fsync_tree
 from .engine.sources import open_checkpoint
 from .engine.tensors import torch_dtype
 from .errors import BlockmergeError
@@ -176,12 +176,7 @@ def _write(target: Path, tensors: dict[str, torch.Tensor], config: dict, report:
         save_file(tensors, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
         (work / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (work / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
-        for f in [*work.iterdir(), work]:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_tree(work)
         if target.exists() and overwrite:
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.rename(target, old)

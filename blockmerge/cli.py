@@ -22,8 +22,8 @@ from .engine.plan import DEFAULT_BLOCK_BYTES
 from .engine.sinks import formats, parse_size
 from .errors import BlockmergeError
 
-CONFIG_KEYS = {"method", "models", "base", "base_stats", "set", "out", "format", "block_size", "device", "dtype",
-               "compute_dtype", "codec", "max_shard_size"}
+CONFIG_KEYS = {"method", "models", "base", "base_stats", "set", "out", "format", "adapter_rank", "block_size", "device",
+               "dtype", "compute_dtype", "codec", "max_shard_size"}
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -232,8 +232,8 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, ad
         return
     cfg = _load_config(config) if config else {"models": [], "stats": []}
     flags = {"method": method, "base": base, "base_stats": base_stats, "out": out, "format": format,
-             "block_size": block_size, "device": device, "dtype": dtype, "compute_dtype": compute_dtype,
-             "codec": codec, "max_shard_size": max_shard_size}
+             "adapter_rank": adapter_rank, "block_size": block_size, "device": device, "dtype": dtype,
+             "compute_dtype": compute_dtype, "codec": codec, "max_shard_size": max_shard_size}
     cfg.update({k: v for k, v in flags.items() if v is not None})
     if models:
         cfg["models"], cfg["stats"] = list(models), [None] * len(models)
@@ -248,10 +248,8 @@ def merge(config, method, base, models, stats, base_stats, sets, out, format, ad
     given = [s for s in cfg["stats"] if s is not None]
     if given and len(given) != len(cfg["stats"]):
         raise BlockmergeError("statistics must be given for every model or none")
-    options = {k: cfg[k] for k in ("format", "block_size", "device", "dtype", "compute_dtype", "codec",
+    options = {k: cfg[k] for k in ("format", "adapter_rank", "block_size", "device", "dtype", "compute_dtype", "codec",
                                    "max_shard_size") if cfg.get(k) is not None}
-    if adapter_rank is not None:
-        options["adapter_rank"] = adapter_rank
     if message and not commit:
         raise BlockmergeError("--message is for --commit")
     run = api.merge

@@ -309,3 +309,10 @@ def test_the_cli_merges_adapters_into_a_model_and_into_an_adapter(family, tmp_pa
     assert report["rank"] == 2 and report["relative_error"] > 0
     again = runner.invoke(main, [*common, "-o", str(tmp_path / "adapter"), "--format", "adapter"])
     assert again.exit_code != 0 and "already exists" in again.output
+    config = tmp_path / "merge.yml"
+    config.write_text(json.dumps({"method": "task_arithmetic", "base": str(family / "base"), "format": "adapter",
+                                  "adapter_rank": 1, "models": [str(family / f"adapter{i}") for i in range(2)],
+                                  "out": str(tmp_path / "from-config")}))
+    configured = runner.invoke(main, ["merge", "-c", str(config), "-q"])
+    assert configured.exit_code == 0, configured.output
+    assert json.loads((tmp_path / "from-config" / "blockmerge_adapter.json").read_text())["rank"] == 1

@@ -26,7 +26,6 @@ import torch
 
 from ..errors import BlockmergeError
 from .sources import Checkpoint, SafetensorsCheckpoint, open_checkpoint
-from .tensors import TensorSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -46,7 +45,6 @@ class LowRankUpdate:
     b: str
     scale: float
     transposed: bool
-    rank: int
 
 
 @dataclass(frozen=True)
@@ -149,7 +147,7 @@ def read_layout(directory: Path, weights: Checkpoint) -> AdapterLayout:
         module_alpha = float(_pattern_value(alpha_pattern, module, alpha))
         scale = module_alpha / (math.sqrt(rank) if rslora else rank)
         updates[f"{module}.weight"] = LowRankUpdate(pair["A"], pair["B"], scale,
-                                                     embedding[module] or fan_in_fan_out, rank)
+                                                     embedding[module] or fan_in_fan_out)
     bias_updates = {}
     for module, key in bias_keys.items():
         if f"{module}.weight" not in updates:
@@ -173,6 +171,7 @@ class AdapterCheckpoint(Checkpoint):
         self.label, self.base, self.weights, self.layout, self.directory = label, base, weights, layout, directory
         self.specs = dict(base.specs)
         self.files = list(base.files)
+        self._factors: tuple[tuple[str, tuple[str, ...]] | None, tuple[torch.Tensor, ...]] = (None, ())
         changed = {**layout.updates, **layout.bias_updates, **layout.replaced}
         for name in changed:
             if name not in base.specs:
@@ -192,7 +191,6 @@ class AdapterCheckpoint(Checkpoint):
             if tuple(spec.shape) != tuple(base.specs[name].shape):
                 raise BlockmergeError(f"the adapter's tensor is {list(spec.shape)}, the base's "
                                       f"{list(base.specs[name].shape)}", path=directory, param=name)
-            self.specs[name] = TensorSpec(base.specs[name].shape, base.specs[name].dtype)
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         layout = self.layout
@@ -211,14 +209,24 @@ class AdapterCheckpoint(Checkpoint):
     def delta(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop of the update of tensor `name`, float64."""
         update = self.layout.updates[name]
-        a_rows, b_rows = self.weights.specs[update.a].shape[0], self.weights.specs[update.b].shape[0]
         if update.transposed:  # rows of (B A)ᵀ = (columns of A)ᵀ Bᵀ
-            a = self.weights.read(update.a, 0, a_rows)[:, start:stop].to(torch.float64)
-            b = self.weights.read(update.b, 0, b_rows).to(torch.float64)
-            return (a.T @ b.T).mul_(update.scale)
-        a = self.weights.read(update.a, 0, a_rows).to(torch.float64)
+            a, b = self._whole_factors(name, update.a, update.b)
+            return (a[:, start:stop].T @ b.T).mul_(update.scale)
+        (a,) = self._whole_factors(name, update.a)
         b = self.weights.read(update.b, start, stop).to(torch.float64)
         return (b @ a).mul_(update.scale)
+
+    def _whole_factors(self, name: str, *keys: str) -> tuple[torch.Tensor, ...]:
+        """The factors `keys` whole in float64, kept for the next row blocks of tensor `name` (one tensor's at a
+        time, replaced in one assignment, so a thread reading meanwhile sees the old pair or the new one)."""
+        kept, factors = self._factors
+        if kept != (name, keys):
+            factors = tuple(self.weights.read(k, 0, self.weights.specs[k].shape[0]).to(torch.float64) for k in keys)
+            self._factors = ((name, keys), factors)
+        return factors
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_factors": (None, ())}  # a copy sent elsewhere reads its own
 
     def prefetch(self, name: str, start: int, stop: int) -> None:
         if name in self.layout.replaced:

@@ -3,6 +3,7 @@ executor interface, and the passes and the merge run in this process."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import time
@@ -54,9 +55,10 @@ class LocalExecutor:
 MapBlocks = Callable[[Engine, list[BlockRef], int, dict, str], Iterator[tuple[Block, Any]]]
 
 
-def run_passes(engine: Engine, refs: list[BlockRef], map_blocks: MapBlocks, output: Output | None = None) -> dict:
+def run_passes(engine: Engine, refs: list[BlockRef], map_blocks: MapBlocks, output: Output | None = None,
+               check: Callable[[], None] | None = None) -> dict:
     """The method's reductions, folded in plan order; `map_blocks` maps the blocks. With an `output`, what the
-    first pass read is checked against (and journaled in) its journal."""
+    first pass read is checked against (and journaled in) its journal, by `check` if one is given."""
     job = engine.job
     state: dict = {}
     passes = job.method.passes(job.hyperparameters, engine.layout.used_kinds)
@@ -69,12 +71,61 @@ def run_passes(engine: Engine, refs: list[BlockRef], map_blocks: MapBlocks, outp
             acc = p.fold(acc, partial, block)
             faults.point("pass")
         state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, types.MappingProxyType(state)))
-        engine.summary.pass_seconds.append(time.perf_counter() - started)
+        seconds = engine.summary.pass_seconds
+        if i < len(seconds):  # tensor by tensor: each pass's time summed over the tensors
+            seconds[i] += time.perf_counter() - started
+        else:
+            seconds.append(time.perf_counter() - started)
         if engine.reader.crc_reads:
-            _check_passes(engine, refs, output)
+            (check or functools.partial(_check_passes, engine, refs, output))()
     engine.reader.crc_reads = False
     engine.summary.passes = len(passes) + 1
     return state
+
+
+def passes_are_local(engine: Engine) -> bool:
+    """Whether the method has passes and every one is `local` (they may run tensor by tensor)."""
+    passes = engine.job.method.passes(engine.job.hyperparameters, engine.layout.used_kinds)
+    return bool(passes) and all(p.local for p in passes)
+
+
+def merge_tensor_by_tensor(engine: Engine, refs: list[BlockRef], sink: Sink, output: Output | None
+                           ) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
+    """Each tensor's reduction passes, then its merge, before the next tensor's (for passes that are all `local`):
+    the merge reads rows the passes have just read, so they come from the page cache however large the model is,
+    where a merge of the whole model after passes over the whole model reads them from disk again.
+
+    A resumed output keeps a tensor's merged blocks only where its passes read the same bytes as in the run that
+    merged them (journaled per tensor); checksums as `merge_pass` returns them."""
+    checksums: dict[str, str] = {}
+    input_checksums: dict[tuple[int, str], str] = {}
+    job, reader = engine.job, engine.reader
+    passes = len(job.method.passes(job.hyperparameters, engine.layout.used_kinds))
+    total = passes * reader.bytes_of([r for r in refs if r.action == "merge"]) + reader.bytes_of(refs)
+    reader.bar = reader.progress_bar(total, job.label or job.method.name)
+    try:
+        for group in _by_tensor(refs):
+            state = {} if all(r.action != "merge" for r in group) else run_passes(
+                engine, group, map_pass, output, functools.partial(_check_tensor_passes, engine, group, output))
+            merged, read = _merge_pass(engine, group, sink, state, output)
+            checksums.update(merged)
+            input_checksums.update(read)
+    finally:
+        reader.bar.close()
+        reader.bar = None
+    return checksums, input_checksums
+
+
+def _by_tensor(refs: list[BlockRef]) -> Iterator[list[BlockRef]]:
+    """The plan's blocks in runs of one tensor each, in plan order."""
+    group: list[BlockRef] = []
+    for ref in refs:
+        if group and ref.name != group[-1].name:
+            yield group
+            group = []
+        group.append(ref)
+    if group:
+        yield group
 
 
 def map_pass(engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str
@@ -202,6 +253,23 @@ def _check_passes(engine: Engine, refs: list[BlockRef], output: Output) -> None:
     for ref in merged:
         output.done.pop((ref.name, ref.start, ref.stop), None)
     output.restart_journal(digest)
+
+
+def _check_tensor_passes(engine: Engine, group: list[BlockRef], output: Output) -> None:
+    """`_check_passes` for one tensor's passes: its merged blocks are forgotten where they read other bytes."""
+    name = group[0].name
+    digest: dict[str, int] = {}
+    for ref in group:
+        if ref.action == "merge":
+            for role, crc in engine.reader.block_inputs.get((ref.name, ref.start, ref.stop), {}).items():
+                digest[role] = zlib.crc32(crc.to_bytes(4, "little"), digest.get(role, 0))
+    if output.tensor_passes.get(name) == digest:
+        return
+    if name in output.tensor_passes:
+        previous = output.tensor_passes[name]
+        engine.changed.update(r for r in digest.keys() | previous.keys() if digest.get(r) != previous.get(r))
+    output.forget([(ref.name, ref.start, ref.stop) for ref in group])
+    output.record_tensor_passes(name, digest)
 
 
 def say_changed(engine: Engine) -> None:

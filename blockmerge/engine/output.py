@@ -78,11 +78,12 @@ class Output:
         check_existing(self.out, self.kind, self.overwrite)
         self.done: dict[tuple[str, int, int], Journaled] = {}
         self.passes: dict[str, int] | None = None  # checksum of each input's bytes the reduction passes read
+        self.tensor_passes: dict[str, dict[str, int]] = {}  # the same per tensor, for passes run tensor by tensor
         request = json.loads(json.dumps(request, sort_keys=True))
         journal_path = self.work / "journal.jsonl"
         try:
             if resume and self._resumable(request):
-                self.done, self.passes = _read_journal(journal_path)
+                self.done, self.passes, self.tensor_passes = _read_journal(journal_path)
             elif resume and _read_journal(journal_path)[0]:
                 print(f"blockmerge: {self.out}: the partial output was started with other inputs or options (or "
                       "is missing): merging from the start", file=sys.stderr)
@@ -170,12 +171,29 @@ class Output:
         self._write({"name": name, "start": start, "stop": stop, "crc32": block.crc32, "inputs": block.inputs,
                      "reports": block.reports})
 
+    def record_tensor_passes(self, name: str, passes: dict[str, int]) -> None:
+        """Journal the checksum of each input's bytes one tensor's reduction passes read (run tensor by tensor): a
+        resume keeps the tensor's blocks if its passes read the same."""
+        self.tensor_passes[name] = passes
+        self._write({"tensor_passes": name, "passes": passes})
+
     def restart_journal(self, passes: dict[str, int]) -> None:
         """Journal anew: the checksum of each input's bytes the reduction passes read, then the blocks in `done`."""
+        self.passes, self.tensor_passes = passes, {}
+        self._rewrite()
+
+    def forget(self, blocks: list[tuple[str, int, int]]) -> None:
+        """Drop journaled blocks (from `done` and the journal): they are merged again."""
+        if any(self.done.pop(key, None) is not None for key in blocks):
+            self._rewrite()
+
+    def _rewrite(self) -> None:
         self._journal.seek(0)
         self._journal.truncate()
-        self.passes = passes
-        self._write({"passes": passes})
+        if self.passes is not None:
+            self._write({"passes": self.passes})
+        for name, passes in self.tensor_passes.items():
+            self._write({"tensor_passes": name, "passes": passes})
         for (name, start, stop), block in self.done.items():
             self.record(name, start, stop, block)
 
@@ -187,7 +205,7 @@ class Output:
         """Move the finished output onto OUT (replacing it when allowed) and clean up."""
         self._journal.close()
         check_existing(self.out, self.kind, self.overwrite)
-        _fsync_tree(self.payload)
+        fsync_tree(self.payload)
         faults.point("commit")
         if self.kind != "file" and os.path.lexists(self.out):
             # a directory cannot be renamed over a non-empty one: the previous output is moved aside first
@@ -416,9 +434,11 @@ def remove_dirs(created: list[Path]) -> None:
             return
 
 
-def _read_journal(path: Path) -> tuple[dict[tuple[str, int, int], Journaled], dict[str, int] | None]:
-    """The blocks journaled, and what the reduction passes read (None: not journaled)."""
-    done, passes = {}, None
+def _read_journal(path: Path) -> tuple[dict[tuple[str, int, int], Journaled], dict[str, int] | None,
+                                        dict[str, dict[str, int]]]:
+    """The blocks journaled, what the reduction passes read (None: not journaled) and what each tensor's read (where
+    they ran tensor by tensor)."""
+    done, passes, tensor_passes = {}, None, {}
     try:
         lines = _read_plain(path).splitlines()
     except (OSError, UnicodeDecodeError):
@@ -426,6 +446,9 @@ def _read_journal(path: Path) -> tuple[dict[tuple[str, int, int], Journaled], di
     for line in lines:
         try:
             item = json.loads(line)
+            if "tensor_passes" in item:
+                tensor_passes[str(item["tensor_passes"])] = {str(k): int(v) for k, v in item["passes"].items()}
+                continue
             if "passes" in item:
                 passes = {str(k): int(v) for k, v in item["passes"].items()}
                 continue
@@ -435,10 +458,11 @@ def _read_journal(path: Path) -> tuple[dict[tuple[str, int, int], Journaled], di
                                                                                          reports)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             break  # a torn last line: the blocks after it are redone
-    return done, passes
+    return done, passes, tensor_passes
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """A file, or every file and directory under a directory, flushed to disk."""
     paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for p in paths:
         fd = os.open(p, os.O_RDONLY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +68,7 @@ class Loan:
             pool.give(self.buffers)
 
 
+PREFETCH_BYTES = 64 << 20  # inputs asked of the disk ahead of the block read (page cache, not the process's memory)
 HEAP_SLACK = 128 << 20  # the least growth of resident memory that returns free heap to the OS
 
 
@@ -87,6 +89,7 @@ class Reader:
         self.whole_stats: dict[tuple, torch.Tensor] = {}
         self.fresh: set[tuple] = set()  # keys of whole_stats read by the latest read()
         self.hasher: ThreadPoolExecutor | None = None  # hashes inputs while blocks() runs
+        self.bar: tqdm | None = None  # one progress bar for the reads of several blocks() (else one per call)
 
     def _inputs(self, ref: BlockRef) -> tuple[list[int], bool]:
         """Which models and whether the base are read for a block."""
@@ -150,10 +153,10 @@ class Reader:
         for ckpt in [*(self.job.models[t] for t in models), *([self.job.base] if with_base else [])]:
             ckpt.prefetch(ref.name, ref.start, ref.stop)
 
-    def read(self, ref: BlockRef, after: BlockRef | None = None) -> RawBlock:
-        """A block's inputs, read and checked; the block `after` it is prefetched first."""
-        if after is not None:
-            self.prefetch(after)
+    def read(self, ref: BlockRef, ahead: list[BlockRef] = ()) -> RawBlock:
+        """A block's inputs, read and checked; the blocks `ahead` of it are prefetched first."""
+        for later in ahead:
+            self.prefetch(later)
         job = self.job
         if ref.name != self.whole_name:  # the Grams kept for the previous parameter's row blocks go
             self.whole_name, self.whole_stats, self.fresh = ref.name, {}, set()
@@ -200,15 +203,25 @@ class Reader:
 
     def blocks(self, refs: list[BlockRef], desc: str) -> Iterator[RawBlock]:
         """Blocks read one ahead on a background thread, in plan order."""
-        total = sum(self.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
-        bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.job.progress, leave=False)
+        bar = self.bar or self.progress_bar(self.bytes_of(refs), desc)
         try:
             # The reader's checks are memory-bound; a team of OpenMP threads of its own would compete with the merge.
             with (ThreadPoolExecutor(1, thread_name_prefix="blockmerge-read", initializer=torch.set_num_threads,
                                      initargs=(1,)) as pool,
                   ThreadPoolExecutor(1, thread_name_prefix="blockmerge-hash") as self.hasher):
+                # Bytes of refs[:k]: the blocks within PREFETCH_BYTES after the one read are prefetched, so the
+                # disk has that much to work on while a block merges (a queue one block deep leaves it idle).
+                ends = list(itertools.accumulate((self.bytes_of([r]) for r in refs), initial=0))
+                window = max(PREFETCH_BYTES, 2 * (self.job.block_bytes or 0))
+                prefetched = 0  # refs[:prefetched] are prefetched
+
                 def read(i: int) -> Future:
-                    return pool.submit(self.read, refs[i], refs[i + 1] if i + 1 < len(refs) else None)
+                    nonlocal prefetched
+                    first = prefetched = max(prefetched, i + 1)
+                    while prefetched < len(refs) and (prefetched == i + 1
+                                                      or ends[prefetched + 1] - ends[i + 1] <= window):
+                        prefetched += 1
+                    return pool.submit(self.read, refs[i], refs[first:prefetched])
 
                 pending = read(0) if refs else None
                 for i in range(len(refs)):
@@ -219,7 +232,8 @@ class Reader:
                                                        self.has_whole_stats(refs[i + 1]))
                     pending = read(i + 1) if ahead else None
                     self.summary.bytes_read += raw.nbytes
-                    bar.set_postfix_str(f"block {i + 1}/{len(refs)}", refresh=False)
+                    if bar is not self.bar:
+                        bar.set_postfix_str(f"block {i + 1}/{len(refs)}", refresh=False)
                     bar.update(raw.nbytes)
                     yield raw
                     self.sample_memory()
@@ -230,7 +244,15 @@ class Reader:
                         pending = read(i + 1)
         finally:
             self.hasher = None
-            bar.close()
+            if bar is not self.bar:
+                bar.close()
+
+    def bytes_of(self, refs: list[BlockRef]) -> int:
+        """Bytes read for the blocks `refs`."""
+        return sum(self.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
+
+    def progress_bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.job.progress, leave=False)
 
     def sample_memory(self) -> None:
         """Fold the process's resident anonymous and file-backed bytes now into `peak_parts`.

@@ -18,7 +18,7 @@ from ..errors import BlockmergeError
 from . import memory
 from .context import Engine
 from .dispatch import merged_whole
-from .executor import Executor, LocalExecutor, run_passes, say_changed
+from .executor import Executor, LocalExecutor, merge_tensor_by_tensor, passes_are_local, run_passes, say_changed
 from .job import Job, Layout, Summary
 from .output import Output, os_error
 from .plan import DEFAULT_BLOCK_BYTES, plan
@@ -80,11 +80,14 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
                                  files=files or [], create=not output.resumed, kind=kind,
                                  provenance_bytes=provenance_bytes)
             executor = executor or LocalExecutor()
-            state = run_passes(engine, refs, executor.map_blocks, output)
-            reopen = None if output is None else functools.partial(
-                open_sink, output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
-                files=[], create=False, kind=kind, provenance_bytes=provenance_bytes)
-            checksums, input_checksums = executor.merge_pass(engine, refs, sink, reopen, state, output)
+            if isinstance(executor, LocalExecutor) and passes_are_local(engine):
+                checksums, input_checksums = merge_tensor_by_tensor(engine, refs, sink, output)
+            else:
+                state = run_passes(engine, refs, executor.map_blocks, output)
+                reopen = None if output is None else functools.partial(
+                    open_sink, output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
+                    files=[], create=False, kind=kind, provenance_bytes=provenance_bytes)
+                checksums, input_checksums = executor.merge_pass(engine, refs, sink, reopen, state, output)
             summary.tensors_merged = sum(a == "merge" for a in layout.actions.values())
             summary.tensors_copied = sum(a == "copy" for a in layout.actions.values())
             summary.tensors_averaged_missing_statistic = sum(a == "average" for a in layout.actions.values())

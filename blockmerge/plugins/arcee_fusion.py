@@ -91,7 +91,7 @@ def _with_divergences(counts: Pass) -> Pass:
         counted, kept = acc if acc is not None else ({}, {})
         return {**counts.finish(counted, hp, state), **_by_tensor(kept, hp, state)}
 
-    return Pass(map_block, fold, finish)
+    return Pass(map_block, fold, finish, local=counts.local)
 
 
 def _block_importance(block: Block, state: Mapping[str, Any]) -> torch.Tensor:

@@ -57,12 +57,16 @@ class Pass:
     state that later passes and the merge read. `map` may run in another process (the Dask executor):
     its partial must be small and picklable, and `fold` may read only the block's name, rows and shape.
     `wants(tensor name, state)` says whether a pass after the first reads that tensor (default: every tensor).
+    `local`: what `finish` gives for a tensor depends on that tensor's blocks alone, and a tensor's merge reads only
+    its own entries of the state; a merge whose passes are all local may run them tensor by tensor, each tensor's
+    passes right before its merge.
     """
 
     map: Callable[[Block, Any, dict], Any]
     fold: Callable[[Any, Any, Block], Any]
     finish: Callable[[Any, Any, dict], dict]
     wants: Callable[[str, Mapping[str, Any]], bool] | None = None
+    local: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ def tensor_pass(key: str, row_values: Callable[[Block, Any, Mapping[str, Any]], 
             totals[name] = finish(sums, hp, name) if finish is not None else sums
         return {key: totals}
 
-    return Pass(row_values, fold, done)
+    return Pass(row_values, fold, done, local=True)
 
 
 MissingStatistic = Literal["average", "error"]

@@ -306,8 +306,10 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
     def wants_ties(name: str, state: Mapping[str, Any]) -> bool:
         return any(c.counts_ties for c in state["cut"].get("" if mode == "global" else name, ()))
 
-    passes = [Pass(top_counts, _fold_counts(mode), find_ends), Pass(low_counts, _fold_counts(mode), find_cuts)]
-    return [*passes, Pass(tie_counts, fold_ties, ties_before, wants=wants_ties)] if exact else passes
+    local = mode == "block"
+    passes = [Pass(top_counts, _fold_counts(mode), find_ends, local=local),
+              Pass(low_counts, _fold_counts(mode), find_cuts, local=local)]
+    return [*passes, Pass(tie_counts, fold_ties, ties_before, wants=wants_ties, local=local)] if exact else passes
 
 
 def _cut(found: list | None, counts: torch.Tensor) -> Cut:

@@ -242,7 +242,7 @@ class SignElection:
         def finish(acc, hp: Any, state: Mapping[str, Any]) -> dict:
             return {"majority": {g: 1 if s >= 0 else -1 for g, s in acc.items()}}
 
-        return [Pass(sign_sum, fold, finish)]
+        return [Pass(sign_sum, fold, finish, local=self.zero_sign == "block")]
 
     def sign_for_zero(self, block: Block, state: Mapping[str, Any]) -> int:
         """The sign elected where the D_t sum to 0."""
