@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import os
 import sys
 import threading
@@ -33,7 +32,7 @@ from ..errors import BlockmergeError
 from ..plugins import Block
 from . import memory
 from .context import Engine
-from .executor import map_pass, write_blocks
+from .executor import Folded, by_tensor, map_pass, write_blocks
 from .job import Job, Layout
 from .output import Output
 from .plan import BlockRef
@@ -137,12 +136,20 @@ def _worker_engine(spec: _Spec) -> Engine:
 
 
 def _pass_task(spec: _Spec, refs: list[BlockRef], index: int, state: dict, crc_reads: bool
-               ) -> tuple[list[tuple[Block, Any]], int, dict]:
-    """Each block's (or slice's) partial of pass `index` with its rows, in plan order; the bytes read; the
-    checksums of the inputs read for each block."""
+               ) -> tuple[list[tuple[Block, Any]] | list[Folded], int, dict]:
+    """Each block's (or slice's) partial of pass `index` with its rows, in plan order, or for a pass with
+    `combine` their fold (one small result in place of a partial per slice); the bytes read; the checksums of the
+    inputs read for each block."""
     engine = _worker_engine(spec)
     engine.reader.crc_reads = crc_reads
-    return list(map_pass(engine, refs, index, state, "")), engine.summary.bytes_read, engine.reader.block_inputs
+    job = engine.job
+    p = job.method.passes(job.hyperparameters, engine.layout.used_kinds)[index]
+    if p.combine is None:
+        return list(map_pass(engine, refs, index, state, "")), engine.summary.bytes_read, engine.reader.block_inputs
+    acc = None
+    for block, partial in map_pass(engine, refs, index, state, ""):
+        acc = p.fold(acc, partial, block)
+    return [Folded(acc)], engine.summary.bytes_read, engine.reader.block_inputs
 
 
 def _merge_task(spec: _Spec, refs: list[BlockRef], state: dict, done: dict, reopen_sink: Callable[[], Sink],
@@ -229,9 +236,9 @@ class DaskExecutor:
     def map_blocks(self, engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str
                    ) -> Iterator[tuple[Block, Any]]:
         """Each block or slice (its name, rows and shape; no tensors) and its partial result of pass `index`, in plan
-        order: what the local executor folds, in the same order."""
+        order: what the local executor folds, in the same order; for a pass with `combine`, each tensor's fold."""
         spec = self._spec(engine)
-        groups = _by_tensor(refs)
+        groups = by_tensor(refs)
         crc_reads = engine.reader.crc_reads
         futures = [self.client.submit(_pass_task, spec, g, index, state, crc_reads, pure=False) for g in groups]
         bar = _bar(engine, refs, desc)
@@ -253,7 +260,7 @@ class DaskExecutor:
 
         spec = self._spec(engine)
         stop = f"blockmerge-stop-{spec.token}"
-        groups = _by_tensor(refs)
+        groups = by_tensor(refs)
         futures = [self.client.submit(_merge_task, spec, g, state,
                                       {k: v for k, v in output.done.items() if k[0] == g[0].name}, reopen_sink, stop,
                                       pure=False) for g in groups]
@@ -302,10 +309,6 @@ def _verify(engine: Engine, groups: list[list[BlockRef]], results: dict[int, dic
         inputs.update(result["inputs"])
         summary.bytes_read += result["bytes_read"]
     return {n: h.hexdigest() for n, h in out_hashes.items()}, inputs
-
-
-def _by_tensor(refs: list[BlockRef]) -> list[list[BlockRef]]:
-    return [list(g) for _, g in itertools.groupby(refs, key=lambda r: r.name)]
 
 
 def _input_bytes(engine: Engine, refs: list[BlockRef]) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import sys
 import time
 import types
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -52,7 +54,14 @@ class LocalExecutor:
         return _merge_pass(engine, refs, sink, state, output)
 
 
-MapBlocks = Callable[[Engine, list[BlockRef], int, dict, str], Iterator[tuple[Block, Any]]]
+@dataclass
+class Folded:
+    """The fold of a run of blocks' partials (for a pass with `combine`), in place of the partials."""
+
+    acc: Any
+
+
+MapBlocks = Callable[[Engine, list[BlockRef], int, dict, str], Iterator[tuple[Block, Any] | Folded]]
 
 
 def run_passes(engine: Engine, refs: list[BlockRef], map_blocks: MapBlocks, output: Output | None = None,
@@ -67,8 +76,11 @@ def run_passes(engine: Engine, refs: list[BlockRef], map_blocks: MapBlocks, outp
         engine.reader.crc_reads = output is not None and i == 0
         started, acc = time.perf_counter(), None
         read = merge_refs if i == 0 or p.wants is None else [r for r in merge_refs if p.wants(r.name, state)]
-        for block, partial in map_blocks(engine, read, i, state, f"pass {i + 1}/{len(passes)}"):
-            acc = p.fold(acc, partial, block)
+        for item in map_blocks(engine, read, i, state, f"pass {i + 1}/{len(passes)}"):
+            if isinstance(item, Folded):
+                acc = item.acc if acc is None else p.combine(acc, item.acc)
+            else:
+                acc = p.fold(acc, item[1], item[0])
             faults.point("pass")
         state.update(p.finish(acc if acc is not None else {}, job.hyperparameters, types.MappingProxyType(state)))
         seconds = engine.summary.pass_seconds
@@ -104,7 +116,7 @@ def merge_tensor_by_tensor(engine: Engine, refs: list[BlockRef], sink: Sink, out
     total = passes * reader.bytes_of([r for r in refs if r.action == "merge"]) + reader.bytes_of(refs)
     reader.bar = reader.progress_bar(total, job.label or job.method.name)
     try:
-        for group in _by_tensor(refs):
+        for group in by_tensor(refs):
             state = {} if all(r.action != "merge" for r in group) else run_passes(
                 engine, group, map_pass, output, functools.partial(_check_tensor_passes, engine, group, output))
             merged, read = _merge_pass(engine, group, sink, state, output)
@@ -116,16 +128,9 @@ def merge_tensor_by_tensor(engine: Engine, refs: list[BlockRef], sink: Sink, out
     return checksums, input_checksums
 
 
-def _by_tensor(refs: list[BlockRef]) -> Iterator[list[BlockRef]]:
+def by_tensor(refs: list[BlockRef]) -> list[list[BlockRef]]:
     """The plan's blocks in runs of one tensor each, in plan order."""
-    group: list[BlockRef] = []
-    for ref in refs:
-        if group and ref.name != group[-1].name:
-            yield group
-            group = []
-        group.append(ref)
-    if group:
-        yield group
+    return [list(g) for _, g in itertools.groupby(refs, key=lambda r: r.name)]
 
 
 def map_pass(engine: Engine, refs: list[BlockRef], index: int, state: dict, desc: str

@@ -59,7 +59,9 @@ class Pass:
     `wants(tensor name, state)` says whether a pass after the first reads that tensor (default: every tensor).
     `local`: what `finish` gives for a tensor depends on that tensor's blocks alone, and a tensor's merge reads only
     its own entries of the state; a merge whose passes are all local may run them tensor by tensor, each tensor's
-    passes right before its merge.
+    passes right before its merge. `combine(accumulated, later)` merges into `accumulated` the fold of a later run
+    of blocks (plan order); where a pass has one, a Dask worker folds its own blocks' partials and sends one
+    accumulation instead of every partial.
     """
 
     map: Callable[[Block, Any, dict], Any]
@@ -67,6 +69,7 @@ class Pass:
     finish: Callable[[Any, Any, dict], dict]
     wants: Callable[[str, Mapping[str, Any]], bool] | None = None
     local: bool = False
+    combine: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,20 @@ def _fold_counts(mode: str):
     return fold
 
 
+def _combine_counts(acc, later):
+    """`_fold_counts`'s accumulation of a later run of blocks added to `acc`: a group in both has dense counts (a
+    tensor's blocks are folded in one run, so only a `global` group spans runs)."""
+    for group, (counts, bands) in later.items():
+        if group not in acc:
+            acc[group] = [counts, bands]
+        elif acc[group][1] != bands:
+            raise BlockmergeError(f"the trim's densities differ between tensors ({acc[group][1]} and {bands}): a "
+                                  "density that varies needs the trim within each tensor")
+        else:
+            acc[group][0].add_(counts)
+    return acc
+
+
 def _dense(counts, size: int) -> torch.Tensor:
     if isinstance(counts, list):
         return torch.stack([torch.zeros(size, dtype=torch.int64).index_put_((bins,), values)
@@ -306,10 +320,17 @@ def band_passes(bands_of: Callable[[Any], Bands], mode: Scope, exact: bool,
     def wants_ties(name: str, state: Mapping[str, Any]) -> bool:
         return any(c.counts_ties for c in state["cut"].get("" if mode == "global" else name, ()))
 
+    def combine_ties(acc, later):
+        for group, tensors in later.items():
+            for name, parts in tensors.items():
+                acc.setdefault(group, {}).setdefault(name, []).extend(parts)
+        return acc
+
     local = mode == "block"
-    passes = [Pass(top_counts, _fold_counts(mode), find_ends, local=local),
-              Pass(low_counts, _fold_counts(mode), find_cuts, local=local)]
-    return [*passes, Pass(tie_counts, fold_ties, ties_before, wants=wants_ties, local=local)] if exact else passes
+    passes = [Pass(top_counts, _fold_counts(mode), find_ends, local=local, combine=_combine_counts),
+              Pass(low_counts, _fold_counts(mode), find_cuts, local=local, combine=_combine_counts)]
+    return [*passes, Pass(tie_counts, fold_ties, ties_before, wants=wants_ties, local=local, combine=combine_ties)
+            ] if exact else passes
 
 
 def _cut(found: list | None, counts: torch.Tensor) -> Cut:
