@@ -25,8 +25,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from .. import __version__
 from ..errors import BlockmergeError
 from ..plugins import Block
@@ -241,13 +239,13 @@ class DaskExecutor:
         groups = by_tensor(refs)
         crc_reads = engine.reader.crc_reads
         futures = [self.client.submit(_pass_task, spec, g, index, state, crc_reads, pure=False) for g in groups]
-        bar = _bar(engine, refs, desc)
+        bar = engine.reader.progress_bar(engine.reader.bytes_of(refs), desc)
         try:
             for group, future in zip(groups, futures):
                 partials, bytes_read, block_inputs = task_result(future)
                 engine.summary.bytes_read += bytes_read
                 engine.reader.block_inputs.update(block_inputs)
-                bar.update(_input_bytes(engine, group))
+                bar.update(engine.reader.bytes_of(group))
                 yield from partials
         finally:
             bar.close()
@@ -266,7 +264,7 @@ class DaskExecutor:
                                       pure=False) for g in groups]
         position = {f.key: i for i, f in enumerate(futures)}
         results: dict[int, dict] = {}
-        bar = _bar(engine, refs, engine.job.method.name)
+        bar = engine.reader.progress_bar(engine.reader.bytes_of(refs), engine.job.method.name)
         try:
             for future in as_completed(futures, loop=self.client.loop):
                 result = task_result(future)
@@ -276,7 +274,7 @@ class DaskExecutor:
                 engine.changed.update(result["changed"])
                 i = position[future.key]
                 results[i] = result
-                bar.update(_input_bytes(engine, groups[i]))
+                bar.update(engine.reader.bytes_of(groups[i]))
                 engine.reader.sample_memory()
         except BaseException:
             with contextlib.suppress(Exception):  # best effort: the scheduler may be what failed
@@ -309,15 +307,6 @@ def _verify(engine: Engine, groups: list[list[BlockRef]], results: dict[int, dic
         inputs.update(result["inputs"])
         summary.bytes_read += result["bytes_read"]
     return {n: h.hexdigest() for n, h in out_hashes.items()}, inputs
-
-
-def _input_bytes(engine: Engine, refs: list[BlockRef]) -> int:
-    return sum(engine.reader.input_row_bytes(r.name) * (r.stop - r.start) for r in refs)
-
-
-def _bar(engine: Engine, refs: list[BlockRef], desc: str) -> tqdm:
-    return tqdm(total=_input_bytes(engine, refs), desc=desc, unit="B", unit_scale=True,
-                disable=not engine.job.progress, leave=False)
 
 
 def task_result(future: Any, work: str = "this merge") -> Any:

@@ -247,32 +247,37 @@ def _check_passes(engine: Engine, refs: list[BlockRef], output: Output) -> None:
     """Journal what the reduction passes read; on a resume where it differs from what they read before, the
     merged blocks are forgotten (every one depends on every block read through the passes' state)."""
     merged = [r for r in refs if r.action == "merge"]
-    digest: dict[str, int] = {}
-    for ref in merged:
-        for role, crc in engine.reader.block_inputs.get((ref.name, ref.start, ref.stop), {}).items():
-            digest[role] = zlib.crc32(crc.to_bytes(4, "little"), digest.get(role, 0))
+    digest = _passes_digest(engine, merged)
     if output.passes == digest:
         return
     if output.passes is not None:
-        engine.changed.update(r for r in digest.keys() | output.passes.keys() if digest.get(r) != output.passes.get(r))
+        _note_changed(engine, digest, output.passes)
     for ref in merged:
         output.done.pop((ref.name, ref.start, ref.stop), None)
     output.restart_journal(digest)
 
 
+def _passes_digest(engine: Engine, refs: list[BlockRef]) -> dict[str, int]:
+    """By input role, one checksum of what the first reduction pass read of the blocks `refs`."""
+    digest: dict[str, int] = {}
+    for ref in refs:
+        for role, crc in engine.reader.block_inputs.get((ref.name, ref.start, ref.stop), {}).items():
+            digest[role] = zlib.crc32(crc.to_bytes(4, "little"), digest.get(role, 0))
+    return digest
+
+
+def _note_changed(engine: Engine, digest: dict[str, int], previous: dict[str, int]) -> None:
+    engine.changed.update(r for r in digest.keys() | previous.keys() if digest.get(r) != previous.get(r))
+
+
 def _check_tensor_passes(engine: Engine, group: list[BlockRef], output: Output) -> None:
     """`_check_passes` for one tensor's passes: its merged blocks are forgotten where they read other bytes."""
     name = group[0].name
-    digest: dict[str, int] = {}
-    for ref in group:
-        if ref.action == "merge":
-            for role, crc in engine.reader.block_inputs.get((ref.name, ref.start, ref.stop), {}).items():
-                digest[role] = zlib.crc32(crc.to_bytes(4, "little"), digest.get(role, 0))
+    digest = _passes_digest(engine, [r for r in group if r.action == "merge"])
     if output.tensor_passes.get(name) == digest:
         return
     if name in output.tensor_passes:
-        previous = output.tensor_passes[name]
-        engine.changed.update(r for r in digest.keys() | previous.keys() if digest.get(r) != previous.get(r))
+        _note_changed(engine, digest, output.tensor_passes[name])
     output.forget([(ref.name, ref.start, ref.stop) for ref in group])
     output.record_tensor_passes(name, digest)
 
