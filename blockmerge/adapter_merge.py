@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 from .engine.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE, open_adapter
-from .engine.output import check_output, fsync_tree
+from .engine.durable import fsync_tree
+from .engine.output import check_output
 from .engine.sources import open_checkpoint
 from .engine.tensors import torch_dtype
 from .errors import BlockmergeError

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import BlockmergeError
 from . import faults
+from .durable import fsync_dir, fsync_tree
 from .safetensors_io import read_header
 from .sinks import PROVENANCE_FILE, infer_format
 from .store import FORMAT as STORE_FORMAT
@@ -212,7 +213,7 @@ class Output:
             os.rename(self.out, self.work / "replaced")
             faults.point("swap")
         os.rename(self.payload, self.out)  # a file replaces a previous one atomically
-        _fsync_dir(self.out.parent)
+        fsync_dir(self.out.parent)
         shutil.rmtree(self.work, ignore_errors=True)
         self._release_lock()
 
@@ -459,28 +460,6 @@ def _read_journal(path: Path) -> tuple[dict[tuple[str, int, int], Journaled], di
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             break  # a torn last line: the blocks after it are redone
     return done, passes, tensor_passes
-
-
-def fsync_tree(path: Path) -> None:
-    """A file, or every file and directory under a directory, flushed to disk."""
-    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    if path.is_dir():
-        for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
-            _fsync_dir(d)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def os_error(err: OSError, path: Path) -> BlockmergeError:

@@ -40,7 +40,6 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
     """
     start_time = time.perf_counter()
     engine = Engine(job, layout)
-    align = {n: chunk_rows(s) if out_format == "store" else 1 for n, s in layout.out_specs.items()}
     row_bytes = {name: engine.reader.input_row_bytes(name) for name in layout.specs}
     whole = {n for n, a in layout.actions.items() if a == "merge" and merged_whole(job.method, layout.specs[n].shape)}
     needs = {name: row_bytes[name] * layout.specs[name].rows  # a row is the least block of the other methods
@@ -53,6 +52,10 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
             raise BlockmergeError(f"{job.method.name} merges whole tensors, and this one's inputs take {need} bytes, "
                                   f"over the block budget of {job.block_bytes}: raise --block-size (block_size=) to "
                                   f"at least {need}", param=name)
+    # A store's chunks are no taller than a block and blocks are cut at whole chunks: a block never writes part of
+    # a chunk (which would rewrite the whole chunk, once per block sharing it).
+    align = {n: chunk_rows(s, max(1, job.block_bytes // max(1, row_bytes[n]))) if out_format == "store" else 1
+             for n, s in layout.out_specs.items()}
     summary = engine.summary
     refs = plan(layout.specs, layout.actions, row_bytes, job.block_bytes, align, whole)
     output = None
@@ -78,7 +81,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
             else:
                 sink = open_sink(output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
                                  files=files or [], create=not output.resumed, kind=kind,
-                                 provenance_bytes=provenance_bytes)
+                                 provenance_bytes=provenance_bytes, write_rows=align)
             executor = executor or LocalExecutor()
             if isinstance(executor, LocalExecutor) and passes_are_local(engine):
                 checksums, input_checksums = merge_tensor_by_tensor(engine, refs, sink, output)
@@ -86,7 +89,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
                 state = run_passes(engine, refs, executor.map_blocks, output)
                 reopen = None if output is None else functools.partial(
                     open_sink, output.payload, out_format, layout.out_specs, codec=codec, shard_bytes=shard_bytes,
-                    files=[], create=False, kind=kind, provenance_bytes=provenance_bytes)
+                    files=[], create=False, kind=kind, provenance_bytes=provenance_bytes, write_rows=align)
                 checksums, input_checksums = executor.merge_pass(engine, refs, sink, reopen, state, output)
             summary.tensors_merged = sum(a == "merge" for a in layout.actions.values())
             summary.tensors_copied = sum(a == "copy" for a in layout.actions.values())

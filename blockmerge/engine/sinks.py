@@ -64,13 +64,14 @@ class StoreSink(Sink):
     """A blockmerge store whose arrays are all of one kind (`param` for checkpoints, or a statistic)."""
 
     def __init__(self, path: Path, specs: dict[str, TensorSpec], codec: str, files: list[Path], *, create: bool,
-                 kind: str = "param"):
+                 kind: str = "param", write_rows: dict[str, int] | None = None):
         self.path, self.kind = path, kind
         if create:
             path.mkdir()
             if files:
                 copy_files(files, path / "files")
-        self.writer = StoreWriter(path, {(kind, n): s for n, s in specs.items()}, codec, create=create)
+        self.writer = StoreWriter(path, {(kind, n): s for n, s in specs.items()}, codec, create=create,
+                                  write_rows={(kind, n): r for n, r in (write_rows or {}).items()})
 
     def write(self, name, start, rows):
         self.writer.write(self.kind, name, start, rows)
@@ -83,6 +84,9 @@ class StoreSink(Sink):
 
     def seal(self, checksums, provenance):
         self.writer.seal({(self.kind, n): c for n, c in checksums.items()}, provenance)
+
+    def close(self):
+        self.writer.close()
 
 
 def shard_names(specs: dict[str, TensorSpec], shard_bytes: int) -> dict[str, str]:
@@ -173,18 +177,21 @@ def infer_format(out: str | os.PathLike, format: str | None) -> str:
 
 
 def open_sink(path: Path, format: str, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int,
-              files: list[Path], create: bool, kind: str = "param", provenance_bytes: int = 0) -> Sink:
+              files: list[Path], create: bool, kind: str = "param", provenance_bytes: int = 0,
+              write_rows: dict[str, int] | None = None) -> Sink:
     """The sink writing `format` at `path` (created, or reopened to resume); a store's arrays are of `kind`.
     A single `.safetensors` file keeps room in its header for a provenance of `provenance_bytes` of JSON.
+    `write_rows`: the rows of each tensor written at once (a block), where the layout can follow them.
     Formats are registered under the entry-point group `blockmerge.sinks`, each a callable of these arguments."""
     return _sinks()[format](path, specs, codec=codec, shard_bytes=shard_bytes, files=files, create=create, kind=kind,
-                            provenance_bytes=provenance_bytes)
+                            provenance_bytes=provenance_bytes, write_rows=write_rows or {})
 
 
 def store_sink(path: Path, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int, files: list[Path],
-               create: bool, kind: str, provenance_bytes: int) -> Sink:
-    """A blockmerge store of arrays of `kind`, with the checkpoint's other `files`."""
-    return StoreSink(path, specs, codec, files, create=create, kind=kind)
+               create: bool, kind: str, provenance_bytes: int, write_rows: dict[str, int]) -> Sink:
+    """A blockmerge store of arrays of `kind`, with the checkpoint's other `files`; each array is chunked no taller
+    than its `write_rows`, so a block writes whole chunks."""
+    return StoreSink(path, specs, codec, files, create=create, kind=kind, write_rows=write_rows)
 
 
 def safetensors_sink(path: Path, specs: dict[str, TensorSpec], *, files: list[Path], **options: Any) -> Sink:
@@ -194,7 +201,7 @@ def safetensors_sink(path: Path, specs: dict[str, TensorSpec], *, files: list[Pa
 
 
 def hf_sink(path: Path, specs: dict[str, TensorSpec], *, codec: str, shard_bytes: int, files: list[Path],
-            create: bool, kind: str, provenance_bytes: int) -> Sink:
+            create: bool, kind: str, provenance_bytes: int, write_rows: dict[str, int]) -> Sink:
     """A Hugging Face directory: safetensors shards, their index, and the checkpoint's other `files` (config,
     tokenizer)."""
     return SafetensorsSink(path, specs, shard_bytes, files, create=create, single=path.name.endswith(".safetensors"),

@@ -10,6 +10,7 @@ Array paths are assigned by the store, never taken from tensor names, so a name 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import BlockmergeError
+from .durable import fsync_tree
 from .kinds import STATISTIC_KINDS
 from .tensors import DTYPES, TensorSpec, from_numpy, itemsize, to_numpy, torch_dtype
 
@@ -55,21 +57,22 @@ class Entry:
     sha256: str | None
 
 
-def chunk_rows(spec: TensorSpec) -> int:
-    """Rows per chunk: full-width rows, about CHUNK_BYTES per chunk."""
+def chunk_rows(spec: TensorSpec, most: int | None = None) -> int:
+    """Rows per chunk: full-width rows, about CHUNK_BYTES per chunk, and at most `most` rows (the rows written at
+    once: a write of part of a chunk rewrites the whole chunk)."""
     row_bytes = max(1, spec.row_numel * itemsize(spec.dtype))
-    return max(1, min(spec.rows, CHUNK_BYTES // row_bytes))
+    return max(1, min(spec.rows, CHUNK_BYTES // row_bytes, most or spec.rows))
 
 
 def is_store(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def _array_spec(root: Path, entry: Entry, codec: str | None = None) -> dict:
+def _array_spec(root: Path, entry: Entry, codec: str | None = None, rows: int | None = None) -> dict:
     spec: dict = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / entry.path)}}
     metadata = {"shape": list(entry.spec.shape), "data_type": entry.spec.dtype}
     if codec is not None:
-        chunk = [chunk_rows(entry.spec), *(max(1, d) for d in entry.spec.shape[1:])] if entry.spec.shape else []
+        chunk = [rows or chunk_rows(entry.spec), *(max(1, d) for d in entry.spec.shape[1:])] if entry.spec.shape else []
         metadata["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": chunk}}
         metadata["codecs"] = [{"name": "bytes", "configuration": {"endian": "little"}}, *CODECS[codec]]
     spec["metadata"] = metadata
@@ -184,41 +187,56 @@ class StoreWriter:
     """Creates a store's arrays, writes them in row blocks, and seals it with a manifest."""
 
     def __init__(self, root: str | os.PathLike, specs: dict[tuple[str, str], TensorSpec], codec: str = "none",
-                 *, create: bool = True):
+                 *, create: bool = True, write_rows: dict[tuple[str, str], int] | None = None):
+        """`write_rows`: the rows each array is written in (its chunks are no taller: whole chunks are written)."""
         if codec not in CODECS:
             raise BlockmergeError(f"unknown codec {codec!r} (choose from {', '.join(CODECS)})")
         self.path = Path(root)
         self.codec = codec
         self.entries: dict[tuple[str, str], Entry] = {}
         self._arrays = {}
+        self._touched: set[tuple[str, str]] = set()  # arrays written since the last `close`
+        self._chunk_rows: dict[tuple[str, str], int] = {}
         for key, spec in sorted(specs.items()):
-            self.add(key[0], key[1], spec, create=create)
+            self.add(key[0], key[1], spec, create=create, write_rows=(write_rows or {}).get(key))
 
-    def add(self, kind: str, name: str, spec: TensorSpec, *, create: bool = True) -> None:
-        """Create (or reopen) the array of one more tensor; one that cannot be reopened is made anew."""
+    def add(self, kind: str, name: str, spec: TensorSpec, *, create: bool = True, write_rows: int | None = None
+            ) -> None:
+        """Create (or reopen) the array of one more tensor; one that cannot be reopened (or is chunked otherwise)
+        is made anew."""
         entry = Entry(name, kind, f"arrays/{len(self.entries):06d}", spec, None)
         self.entries[(kind, name)] = entry
-        array_spec = _array_spec(self.path, entry, self.codec)
+        self._chunk_rows[(kind, name)] = chunk_rows(spec, write_rows)
+        array_spec = _array_spec(self.path, entry, self.codec, self._chunk_rows[(kind, name)])
         try:
             if not create:
                 try:
-                    self._arrays[(kind, name)] = _tensorstore().open(array_spec, open=True).result()
+                    self._arrays[(kind, name)] = _tensorstore().open(array_spec, open=True,
+                                                                     context=_write_context()).result()
                     return
                 except ValueError:
                     pass  # missing or damaged: its blocks are written again
-            self._arrays[(kind, name)] = _tensorstore().open(array_spec, create=True, delete_existing=True).result()
+            self._arrays[(kind, name)] = _tensorstore().open(array_spec, create=True, delete_existing=True,
+                                                             context=_write_context()).result()
         except ValueError as err:
             raise _write_error(err, self.path / entry.path, name) from None
 
     def write(self, kind: str, name: str, start: int, rows: torch.Tensor) -> None:
         if not rows.numel():
             return
+        self._touched.add((kind, name))
         array = self._arrays[(kind, name)]
         data = to_numpy(rows)
         try:
             (array[start:start + rows.shape[0]] if array.rank else array).write(data).result()
         except ValueError as err:
             raise _write_error(err, self.path / self.entries[(kind, name)].path, name) from None
+
+    def close(self) -> None:
+        """Put the arrays written since the last `close` on storage."""
+        for key in sorted(self._touched):
+            fsync_tree(self.path / self.entries[key].path)
+        self._touched.clear()
 
     def read(self, kind: str, name: str, start: int, stop: int) -> torch.Tensor:
         spec = self.entries[(kind, name)].spec
@@ -234,12 +252,12 @@ class StoreWriter:
         if not entry.spec.shape:
             root.unlink(missing_ok=True)
             return
-        rows = chunk_rows(entry.spec)
+        rows = self._chunk_rows[(kind, name)]
         for index in range(start // rows, (max(stop, start + 1) - 1) // rows + 1):
             root.joinpath(str(index), *["0"] * (len(entry.spec.shape) - 1)).unlink(missing_ok=True)
 
     def seal(self, checksums: dict[tuple[str, str], str], metadata: dict) -> None:
-        """Write the manifest last: a store without one is incomplete."""
+        """Write the manifest last: a store without one is incomplete (its owner puts it on storage)."""
         tensors = [{"name": e.name, "kind": e.kind, "path": e.path, "shape": list(e.spec.shape),
                     "dtype": e.spec.dtype, "sha256": checksums[key]} for key, e in self.entries.items()]
         manifest = {"format": FORMAT, "version": VERSION, "tensors": tensors, "metadata": metadata}
@@ -274,6 +292,13 @@ def copy_files(files: list[Path], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copy2(f, dest / f.name)
+
+
+@functools.cache
+def _write_context() -> ts.Context:
+    """tensorstore's resources for writing: no fsync after each chunk (`close`, or the commit of the output,
+    puts the whole store on storage at once)."""
+    return _tensorstore().Context({"file_io_sync": False})
 
 
 def _tensorstore():
