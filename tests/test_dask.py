@@ -74,14 +74,15 @@ def same_summary(local, remote) -> None:
     ("dare", "o", {"format": "hf", "drop_rate": 0.5, "seed": 3, "max_shard_size": 2000}),
     ("ties", "o", {"density": 0.3}),
     ("ties", "o.safetensors", {"density": 0.3, "trim": "block", "majority_sign": "block"}),
+    ("arcee_fusion", "o", {}),  # one model: its per-tensor passes folded on the workers (`combine`)
 ])
 def test_outputs_are_byte_identical_to_the_local_executor(tmp_path, cluster, inputs, method, name, options):
-    local, remote, a, b = both(tmp_path, cluster, method, name, models=inputs["models"], base=inputs["base"],
-                               **options)
+    models = inputs["models"][:1] if method == "arcee_fusion" else inputs["models"]
+    local, remote, a, b = both(tmp_path, cluster, method, name, models=models, base=inputs["base"], **options)
     assert len(a) >= (1 if name.endswith(".safetensors") else 3)
     assert a == b
     same_summary(local, remote)
-    assert remote.blocks > 15
+    assert remote.blocks > 10
 
 
 @pytest.mark.parametrize("method,options", [("fisher", {"normalize_fishers": True}), ("regmean", {"alpha": 0.8})])

@@ -91,7 +91,12 @@ def _with_divergences(counts: Pass) -> Pass:
         counted, kept = acc if acc is not None else ({}, {})
         return {**counts.finish(counted, hp, state), **_by_tensor(kept, hp, state)}
 
-    return Pass(map_block, fold, finish, local=counts.local)
+    def combine(acc: tuple[Any, dict], later: tuple[Any, dict]) -> tuple[Any, dict]:
+        for name, parts in later[1].items():
+            acc[1].setdefault(name, []).extend(parts)
+        return counts.combine(acc[0], later[0]), acc[1]
+
+    return Pass(map_block, fold, finish, local=counts.local, combine=combine if counts.combine is not None else None)
 
 
 def _block_importance(block: Block, state: Mapping[str, Any]) -> torch.Tensor:
