@@ -82,7 +82,7 @@ def test_outputs_are_byte_identical_to_the_local_executor(tmp_path, cluster, inp
     assert len(a) >= (1 if name.endswith(".safetensors") else 3)
     assert a == b
     same_summary(local, remote)
-    assert remote.blocks > 10
+    assert remote.blocks > (10 if method == "arcee_fusion" else 15)  # one model's inputs: fewer, larger blocks
 
 
 @pytest.mark.parametrize("method,options", [("fisher", {"normalize_fishers": True}), ("regmean", {"alpha": 0.8})])

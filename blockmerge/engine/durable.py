@@ -21,6 +21,7 @@ def fsync_tree(path: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    """A directory's entries (the names of the files in it) flushed to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -21,13 +21,18 @@ class BlockRef:
     action: str
 
 
+def rows_per_block(input_row_bytes: int, budget: int) -> int:
+    """Rows of a tensor whose inputs stay within `budget` bytes (at least one)."""
+    return max(1, budget // max(1, input_row_bytes))
+
+
 def row_blocks(spec: TensorSpec, input_row_bytes: int, budget: int, align: int) -> list[tuple[int, int]]:
     """Row ranges of a tensor whose inputs stay within `budget` bytes, cut at multiples of `align` rows; a tensor
     of no bytes (a zero in its shape) is one range, however many rows it has."""
     rows = spec.rows
     if not spec.numel:
         return [(0, rows)]
-    per_block = max(1, budget // max(1, input_row_bytes))
+    per_block = rows_per_block(input_row_bytes, budget)
     if per_block >= align:
         per_block -= per_block % align
     return [(start, min(rows, start + per_block)) for start in range(0, rows, per_block)] or [(0, 0)]

@@ -21,7 +21,7 @@ from .dispatch import merged_whole
 from .executor import Executor, LocalExecutor, merge_tensor_by_tensor, passes_are_local, run_passes, say_changed
 from .job import Job, Layout, Summary
 from .output import Output, os_error
-from .plan import DEFAULT_BLOCK_BYTES, plan
+from .plan import DEFAULT_BLOCK_BYTES, plan, rows_per_block
 from .provenance import input_paths, provenance_bound, provenance_of, request_of
 from .sinks import DictSink, Sink, open_sink
 from .store import chunk_rows
@@ -54,7 +54,7 @@ def execute(job: Job, layout: Layout, out: str | os.PathLike | None = None, *, o
                                   f"at least {need}", param=name)
     # A store's chunks are no taller than a block and blocks are cut at whole chunks: a block never writes part of
     # a chunk (which would rewrite the whole chunk, once per block sharing it).
-    align = {n: chunk_rows(s, max(1, job.block_bytes // max(1, row_bytes[n]))) if out_format == "store" else 1
+    align = {n: chunk_rows(s, rows_per_block(row_bytes[n], job.block_bytes)) if out_format == "store" else 1
              for n, s in layout.out_specs.items()}
     summary = engine.summary
     refs = plan(layout.specs, layout.actions, row_bytes, job.block_bytes, align, whole)

@@ -68,11 +68,13 @@ def is_store(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def _array_spec(root: Path, entry: Entry, codec: str | None = None, rows: int | None = None) -> dict:
+def _array_spec(root: Path, entry: Entry, layout: tuple[str, int] | None = None) -> dict:
+    """tensorstore's spec of an array; to create one, its `layout` (codec, rows per chunk)."""
     spec: dict = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / entry.path)}}
     metadata = {"shape": list(entry.spec.shape), "data_type": entry.spec.dtype}
-    if codec is not None:
-        chunk = [rows or chunk_rows(entry.spec), *(max(1, d) for d in entry.spec.shape[1:])] if entry.spec.shape else []
+    if layout is not None:
+        codec, rows = layout
+        chunk = [rows, *(max(1, d) for d in entry.spec.shape[1:])] if entry.spec.shape else []
         metadata["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": chunk}}
         metadata["codecs"] = [{"name": "bytes", "configuration": {"endian": "little"}}, *CODECS[codec]]
     spec["metadata"] = metadata
@@ -207,7 +209,7 @@ class StoreWriter:
         entry = Entry(name, kind, f"arrays/{len(self.entries):06d}", spec, None)
         self.entries[(kind, name)] = entry
         self._chunk_rows[(kind, name)] = chunk_rows(spec, write_rows)
-        array_spec = _array_spec(self.path, entry, self.codec, self._chunk_rows[(kind, name)])
+        array_spec = _array_spec(self.path, entry, (self.codec, self._chunk_rows[(kind, name)]))
         try:
             if not create:
                 try:
