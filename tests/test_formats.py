@@ -2,7 +2,7 @@
 merged outputs in every format; provenance and store checksums.
 
 Every check uses real files under tmp_path and an independent reference: `safetensors.torch`
-(save_file / load_file / safe_open), `torch.save`, `zarr` and `hashlib`.
+(save_file / load_file / safe_open), `torch.save`, `zarr`, `blake3` and `hashlib`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -56,8 +57,8 @@ def raw(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def sha256_of(t: torch.Tensor) -> str:
-    return hashlib.sha256(raw(t)).hexdigest()
+def blake3_of(t: torch.Tensor) -> str:
+    return blake3.blake3(raw(t)).hexdigest()
 
 
 def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -553,11 +554,11 @@ def _check_provenance(prov: dict, method: str, hp: dict, input_paths: list[Path]
     for p in input_paths:
         assert any(label == str(p) or Path(label).name == p.name for label in labels), (p, labels)
     for item in inputs:
-        sha_fields = {k: v for k, v in item.items() if "sha256" in k}
+        sha_fields = {k: v for k, v in item.items() if "blake3" in k}
         assert sha_fields, item
         assert all(isinstance(v, str) and HEX64.match(v) for v in sha_fields.values()), item
     # different inputs, different digests
-    digests = [next(v for k, v in sorted(i.items()) if "sha256" in k) for i in inputs]
+    digests = [next(v for k, v in sorted(i.items()) if "blake3" in k) for i in inputs]
     assert len(set(digests)) == len(digests)
 
 
@@ -579,8 +580,7 @@ def test_provenance_in_safetensors_header_and_store_manifest(tmp_path):
     _check_provenance(prov_store, "ties", hp, [*model_paths, base_path])
     # the same inputs read, the same digests, whatever the output format
     assert prov_store["inputs"] == prov_st["inputs"]
-    if "output_sha256" in prov_store:
-        assert prov_store["output_sha256"] == prov_st["output_sha256"]
+    assert prov_store["output_blake3"] == prov_st["output_blake3"]
 
 
 
@@ -602,7 +602,7 @@ def test_provenance_of_a_directory_output(tmp_path):
 # ----------------------------------------------------------------------------------------------- 6. checksums
 
 
-def test_store_manifest_checksums_are_sha256_of_the_tensor_bytes(tmp_path):
+def test_store_manifest_checksums_are_blake3_of_the_tensor_bytes(tmp_path):
     tensors = all_dtype_tensors(10)
     src = tmp_path / "src.safetensors"
     save_file(tensors, src)
@@ -611,7 +611,34 @@ def test_store_manifest_checksums_are_sha256_of_the_tensor_bytes(tmp_path):
     entries = manifest(store)["tensors"]
     assert sorted(e["name"] for e in entries) == sorted(tensors)
     for e in entries:
-        assert e["sha256"] == sha256_of(tensors[e["name"]]), e["name"]
+        assert e["blake3"] == blake3_of(tensors[e["name"]]), e["name"]
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_a_store_with_sha256_checksums_is_checked_by_sha256(tmp_path, corrupt):
+    """Stores written before BLAKE3 record sha256 checksums: they still read, and a wrong one is refused."""
+    tensors = all_dtype_tensors(11)
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, src)
+    store = tmp_path / "store"
+    api.convert(src, store)
+    doc = manifest(store)
+    for e in doc["tensors"]:
+        del e["blake3"]
+        e["sha256"] = hashlib.sha256(raw(tensors[e["name"]])).hexdigest()
+    victim = next(e for e in doc["tensors"] if e["name"] == "f32.matrix")
+    if corrupt:
+        victim["sha256"] = hashlib.sha256(b"other bytes").hexdigest()
+    (store / "blockmerge.json").write_text(json.dumps(doc))
+    out = tmp_path / "back.safetensors"
+    if corrupt:
+        with pytest.raises(blockmerge.BlockmergeError, match="checksum mismatch") as err:
+            api.convert(store, out)
+        assert "f32.matrix" in str(err.value)
+        assert not out.exists()
+    else:
+        api.convert(store, out)
+        assert_same_tensors(load_file(out), tensors)
 
 
 def test_merged_store_checksums_match_its_tensors(tmp_path):
@@ -622,4 +649,4 @@ def test_merged_store_checksums_match_its_tensors(tmp_path):
     entries = manifest(store)["tensors"]
     assert sorted(e["name"] for e in entries) == sorted(expected)
     for e in entries:
-        assert e["sha256"] == sha256_of(expected[e["name"]]), e["name"]
+        assert e["blake3"] == blake3_of(expected[e["name"]]), e["name"]

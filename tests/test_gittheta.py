@@ -251,7 +251,7 @@ def test_nway_merge_with_statistics_at_revisions_is_committed_with_provenance(re
     assert message.startswith("Fisher of three\n\n")
     assert "Blockmerge-Method: fisher" in message and '"fisher_floor":1e-08' in message
     for task in TASKS:
-        assert f"Blockmerge-Input: model {task} {commits[task]} tensors-sha256:" in message
+        assert f"Blockmerge-Input: model {task} {commits[task]} tensors-blake3:" in message
     assert git(repo, "status", "--porcelain").stdout == b""
 
     head = git(repo, "rev-parse", "HEAD").stdout

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -87,8 +87,8 @@ def test_the_command_line_reads_the_start_and_records_it_in_the_provenance(tmp_p
     entry = next(e for e in provenance["inputs"] if e["role"] == "initialization")
     assert entry["path"] == str(tmp_path / "start.safetensors")
     tensors = load_file(tmp_path / "start.safetensors")
-    read = [f"{n}:{hashlib.sha256(tensors[n].numpy().tobytes()).hexdigest()}" for n in sorted(FLOATS)]
-    assert entry["sha256_of_tensors_read"] == hashlib.sha256("\n".join(read).encode()).hexdigest()
+    read = [f"{n}:{blake3.blake3(tensors[n].numpy().tobytes()).hexdigest()}" for n in sorted(FLOATS)]
+    assert entry["blake3_of_tensors_read"] == blake3.blake3("\n".join(read).encode()).hexdigest()
     assert provenance["hyperparameters"]["initialization"] == str(tmp_path / "start.safetensors")
 
 

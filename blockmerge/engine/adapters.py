@@ -234,7 +234,7 @@ class AdapterCheckpoint(Checkpoint):
         else:
             self.base.prefetch(name, start, stop)
 
-    def checksum(self, name: str) -> str | None:
+    def checksum(self, name: str) -> tuple[str, str] | None:
         changed = name in self.layout.updates or name in self.layout.bias_updates or name in self.layout.replaced
         return None if changed else self.base.checksum(name)
 

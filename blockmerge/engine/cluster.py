@@ -7,7 +7,7 @@ inputs' checksums are per tensor, and memory per worker thread stays within two 
 outputs take each block as whole chunks of a zarr array; safetensors outputs as a byte range of a
 file laid out in advance: either way the writes of different tasks never overlap. The client
 journals each block as its task finishes, folds the method's passes in plan order, reads every
-block back to check it against its worker's sha256, and seals the output.
+block back to check it against its worker's digest, and seals the output.
 
 A worker that dies is replaced and its tasks rerun by Dask; a rerun writes the same bytes again.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import sys
 import threading
@@ -30,6 +29,7 @@ from ..errors import BlockmergeError
 from ..plugins import Block
 from . import memory
 from .context import Engine
+from .digest import hasher
 from .executor import Folded, by_tensor, map_pass, write_blocks
 from .job import Job, Layout
 from .output import Output
@@ -308,7 +308,7 @@ def _verify(engine: Engine, groups: list[list[BlockRef]], results: dict[int, dic
             if zlib.crc32(data) != entry.crc32:
                 raise BlockmergeError(f"rows {ref.start}:{ref.stop} as stored differ from what the worker wrote "
                                       "(is the output on storage every worker sees?)", param=ref.name)
-            out_hashes.setdefault(ref.name, hashlib.sha256()).update(data)
+            out_hashes.setdefault(ref.name, hasher()).update(data)
             summary.blocks_resumed += kept
             summary.bytes_written += 0 if kept else nbytes
         for name, reports in result["reports"].items():

@@ -4,7 +4,6 @@ executor interface, and the passes and the merge run in this process."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import sys
 import time
@@ -21,6 +20,7 @@ from ..errors import BlockmergeError
 from ..plugins import Block
 from . import faults
 from .context import Engine
+from .digest import hasher
 from .dispatch import compute_block, map_slices
 from .output import Journaled, Output
 from .plan import BlockRef
@@ -38,7 +38,7 @@ class Executor(Protocol):
 
     def merge_pass(self, engine: Engine, refs: list[BlockRef], sink: Sink, reopen_sink: Callable[[], Sink] | None,
                    state: dict, output: Output | None) -> tuple[dict[str, str], dict[tuple[int, str], str]]:
-        """Every block merged into `sink` (and journaled in `output`); the sha256 of each output tensor and of
+        """Every block merged into `sink` (and journaled in `output`); the content digest of each output tensor and of
         each input tensor read. `reopen_sink` opens the sink again (for workers elsewhere)."""
 
 
@@ -157,7 +157,7 @@ def write_blocks(engine: Engine, refs: list[BlockRef], sink: Sink, state: dict, 
 
     Yields (block, its output bytes, its journal entry, kept) in plan order, each once its bytes are
     written. A block is written on a thread of its own while the next one is merged; with `hashes`, that thread
-    also adds each block's bytes, kept ones too, to the sha256 of its tensor there, in plan order.
+    also adds each block's bytes, kept ones too, to the content digest of its tensor there, in plan order.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="blockmerge-write") as writer:
         previous = None
@@ -211,7 +211,7 @@ def _write(sink: Sink, ref: BlockRef, rows: torch.Tensor, hashes: dict[str, Any]
 
 
 def _hash(hashes: dict[str, Any], name: str, data: memoryview) -> None:
-    hashes.setdefault(name, hashlib.sha256()).update(data)
+    hashes.setdefault(name, hasher()).update(data)
 
 
 def _written(engine: Engine, ref: BlockRef, rows: torch.Tensor, buffer: torch.Tensor, written: Future

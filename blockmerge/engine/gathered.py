@@ -82,7 +82,7 @@ class GatheredCheckpoint(Checkpoint):
         if name not in self.gathered:
             self.source.prefetch(name, start, stop)
 
-    def checksum(self, name: str) -> str | None:
+    def checksum(self, name: str) -> tuple[str, str] | None:
         return None if name in self.gathered else self.source.checksum(name)
 
     def paths(self) -> list[Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import uuid
@@ -12,6 +11,7 @@ from typing import Any
 
 from .. import __version__
 from .context import Engine
+from .digest import hexdigest
 from .dispatch import slice_rows
 from .job import Job, Layout
 from .plan import BlockRef
@@ -23,15 +23,15 @@ REPORT_ENTRY_BYTES = 64
 
 def provenance_of(job: Job, engine: Engine, checksums: dict[str, str],
                   input_checksums: dict[tuple[int, str], str]) -> dict:
-    """What an output records of how it was made: the method, options, inputs (and a sha256 of the tensors read
-    of each), the method's reports and a sha256 of the output tensors' `checksums`."""
+    """What an output records of how it was made: the method, options, inputs (and a BLAKE3 digest of the tensors
+    read of each), the method's reports and a BLAKE3 digest of the output tensors' `checksums`."""
     per_input: dict[int, list[str]] = {}
     for (index, name), digest in sorted(input_checksums.items()):
         per_input.setdefault(index, []).append(f"{name}:{digest}")
     inputs = []
     for index, role, label in engine.sources:
-        digest = hashlib.sha256("\n".join(per_input.get(index, [])).encode()).hexdigest()
-        inputs.append({"role": role, "path": label, "sha256_of_tensors_read": digest})
+        digest = hexdigest("\n".join(per_input.get(index, [])).encode())
+        inputs.append({"role": role, "path": label, "blake3_of_tensors_read": digest})
     return {
         "blockmerge": __version__,
         "method": job.method.name,
@@ -41,8 +41,7 @@ def provenance_of(job: Job, engine: Engine, checksums: dict[str, str],
         "statistics": [{k: c.label for k, c in sorted(s.items())} for s in job.stats],
         "base_statistics": {k: c.label for k, c in sorted(job.base_stats.items())},
         "reports": engine.summary.reports,
-        "output_sha256": hashlib.sha256("\n".join(f"{n}:{c}" for n, c in sorted(checksums.items())).encode())
-        .hexdigest(),
+        "output_blake3": hexdigest("\n".join(f"{n}:{c}" for n, c in sorted(checksums.items())).encode()),
         "dtype": job.dtype, "compute_dtype": job.compute_dtype,
     }
 

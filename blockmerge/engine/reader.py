@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import zlib
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from tqdm.auto import tqdm
 from ..errors import BlockmergeError
 from . import memory
 from .buffers import BufferPool
+from .digest import NAME, hasher
 from .job import Job, Layout, Summary
 from .kinds import is_elementwise
 from .plan import BlockRef
@@ -79,6 +79,7 @@ class Reader:
         self.job, self.layout, self.summary, self.pool = job, layout, summary, pool
         self.needs = job.method.needs(job.hyperparameters)
         self.input_hashes: dict[tuple[int, str], Any] | None = None
+        self.stored_hashes: dict[tuple[int, str], Any] = {}  # an older store's sha256, to check its checksum
         self.crc_reads = False  # whether reads compute the checksums that resuming checks
         self.block_inputs: dict[tuple[str, int, int], dict[str, int]] = {}  # checksums of each block read, by role
         self.peak_parts = (0, 0)  # (anonymous, file-backed) resident bytes, sampled after each block
@@ -128,23 +129,27 @@ class Reader:
     def _hash(self, ckpt: Checkpoint, index: int, role: str, name: str, t: torch.Tensor, stop: int,
               crcs: dict[str, int]) -> None:
         """A 32-bit checksum of the rows into `crcs[role]` (when `crc_reads`); for `index` >= 0, the rows (up to
-        `stop`) added to the input's running sha256, checked against a stored checksum at the tensor's end.
+        `stop`) added to the input's running content digest, checked against a stored checksum at the tensor's end.
 
-        With a running sha256 the checksum is taken from it (it covers the tensor's rows so far, and costs no
+        With a running digest the checksum is taken from it (it covers the tensor's rows so far, and costs no
         second pass over the bytes); else it is their CRC-32.
         """
+        data = tensor_bytes(t)
         if index < 0:
             if self.crc_reads:
-                crcs[role] = zlib.crc32(tensor_bytes(t))
+                crcs[role] = zlib.crc32(data)
             return
         key = (index, name)
-        if key not in self.input_hashes:
-            self.input_hashes[key] = hashlib.sha256()
-        self.input_hashes[key].update(tensor_bytes(t))
+        running = self.input_hashes.setdefault(key, hasher())
+        running.update(data)
         if self.crc_reads:
-            crcs[role] = int.from_bytes(self.input_hashes[key].copy().digest()[:4], "little")
-        if (stop if t.dim() else 1) >= ckpt.specs[name].rows and ckpt.checksum(name):
-            if self.input_hashes[key].hexdigest() != ckpt.checksum(name):
+            crcs[role] = int.from_bytes(running.copy().digest()[:4], "little")
+        stored = ckpt.checksum(name)
+        if stored is not None and stored[0] != NAME:
+            self.stored_hashes.setdefault(key, hasher(stored[0])).update(data)
+        if stored is not None and (stop if t.dim() else 1) >= ckpt.specs[name].rows:
+            checked = running if stored[0] == NAME else self.stored_hashes.pop(key)
+            if checked.hexdigest() != stored[1]:
                 raise BlockmergeError("checksum mismatch: the stored data is corrupt", path=ckpt.label, param=name)
 
     def prefetch(self, ref: BlockRef) -> None:

@@ -50,8 +50,8 @@ class Checkpoint:
     def prefetch(self, name: str, start: int, stop: int) -> None:
         """Start bringing rows into memory ahead of their read, where the format allows it."""
 
-    def checksum(self, name: str) -> str | None:
-        """The stored sha256 of a tensor's bytes, where the format records one."""
+    def checksum(self, name: str) -> tuple[str, str] | None:
+        """The stored digest of a tensor's bytes, (digest name, hex), where the format records one."""
         return None
 
     def paths(self) -> list[Path]:
@@ -125,7 +125,7 @@ class RenamedCheckpoint(Checkpoint):
         source, old = self.parts[name]
         source.prefetch(old, start, stop)
 
-    def checksum(self, name: str) -> str | None:
+    def checksum(self, name: str) -> tuple[str, str] | None:
         source, old = self.parts[name]
         return source.checksum(old)
 
@@ -336,8 +336,8 @@ class StoreCheckpoint(Checkpoint):
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.reader.read(name, start, stop)
 
-    def checksum(self, name: str) -> str | None:
-        return self.reader.entries[name].sha256
+    def checksum(self, name: str) -> tuple[str, str] | None:
+        return self.reader.entries[name].checksum
 
     def paths(self) -> list[Path]:
         return [self.reader.path / "blockmerge.json"]

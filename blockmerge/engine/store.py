@@ -1,6 +1,6 @@
 """blockmerge's store: a directory of zarr v3 arrays, one per tensor and kind, with a manifest.
 
-    STORE/blockmerge.json        manifest: format, tensors (name, kind, path, shape, dtype, sha256), metadata
+    STORE/blockmerge.json        manifest: format, tensors (name, kind, path, shape, dtype, blake3), metadata
     STORE/arrays/000000/...      one zarr v3 array per entry, full-width row chunks
     STORE/files/...              non-tensor files of the source (config, tokenizer), for export
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import BlockmergeError
+from .digest import CHECKABLE, NAME
 from .durable import fsync_tree
 from .kinds import STATISTIC_KINDS
 from .tensors import DTYPES, TensorSpec, from_numpy, itemsize, to_numpy, torch_dtype
@@ -54,7 +55,7 @@ class Entry:
     kind: str
     path: str
     spec: TensorSpec
-    sha256: str | None
+    checksum: tuple[str, str] | None  # (digest name, hex) of the tensor's bytes
 
 
 def chunk_rows(spec: TensorSpec, most: int | None = None) -> int:
@@ -97,11 +98,12 @@ def read_manifest(root: Path) -> tuple[list[Entry], dict]:
     for item in raw.get("tensors", []):
         try:
             name, kind, path = item["name"], item["kind"], item["path"]
-            shape, dtype, sha = tuple(item["shape"]), item["dtype"], item.get("sha256")
+            shape, dtype = tuple(item["shape"]), item["dtype"]
+            recorded = [(d, item[d]) for d in CHECKABLE if d in item]
             ok = (isinstance(name, str) and name and kind in KINDS and isinstance(path, str)
                   and _ARRAY_PATH.fullmatch(path) and dtype in DTYPES
-                  and all(type(d) is int and d >= 0 for d in shape)
-                  and (sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha))))
+                  and all(type(d) is int and d >= 0 for d in shape) and len(recorded) <= 1
+                  and all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for _, h in recorded))
         except (KeyError, TypeError):
             ok = False
         if not ok:
@@ -110,7 +112,7 @@ def read_manifest(root: Path) -> tuple[list[Entry], dict]:
             raise BlockmergeError("corrupt store manifest (duplicate entry)", path=root / MANIFEST, param=name)
         seen.add((kind, name))
         paths.add(path)
-        entries.append(Entry(name, kind, path, TensorSpec(shape, dtype), sha))
+        entries.append(Entry(name, kind, path, TensorSpec(shape, dtype), recorded[0] if recorded else None))
     metadata = raw.get("metadata", {})
     if not isinstance(metadata, dict):
         raise BlockmergeError("corrupt store manifest (metadata is not an object)", path=root / MANIFEST)
@@ -261,7 +263,7 @@ class StoreWriter:
     def seal(self, checksums: dict[tuple[str, str], str], metadata: dict) -> None:
         """Write the manifest last: a store without one is incomplete (its owner puts it on storage)."""
         tensors = [{"name": e.name, "kind": e.kind, "path": e.path, "shape": list(e.spec.shape),
-                    "dtype": e.spec.dtype, "sha256": checksums[key]} for key, e in self.entries.items()]
+                    "dtype": e.spec.dtype, NAME: checksums[key]} for key, e in self.entries.items()]
         manifest = {"format": FORMAT, "version": VERSION, "tensors": tensors, "metadata": metadata}
         write_json_atomic(self.path / MANIFEST, manifest)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import api
+from ..engine.digest import hexdigest
 from ..engine.safetensors_io import SafetensorsFile
 from ..errors import BlockmergeError
 from ..plugins import get, parse_hyperparameters
@@ -25,7 +26,7 @@ from .repo import Repo
 from .revision import RevisionCheckpoint, TrackedCheckpoint, statistics_path
 from .writer import track_safetensors
 
-NOTHING_READ = hashlib.sha256(b"").hexdigest()
+NOTHING_READ = hexdigest(b"")
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,15 @@ def trailers(path: str, provenance: dict, revisions: list[tuple[str, str, str]])
              "Blockmerge-Hyperparameters: " + json.dumps({**provenance["hyperparameters"], **provenance["common"]},
                                                          sort_keys=True, separators=(",", ":"))]
     for (role, rev, commit), item in zip(revisions, provenance["inputs"]):
-        digest = item["sha256_of_tensors_read"]
-        read = f"tensors-sha256:{digest}" if digest != NOTHING_READ else "(not read by the method)"
+        digest = item["blake3_of_tensors_read"]
+        read = f"tensors-blake3:{digest}" if digest != NOTHING_READ else "(not read by the method)"
         lines.append(f"Blockmerge-Input: {role} {rev} {commit} {read}")
     for index, stats in enumerate(provenance.get("statistics", [])):
         for kind, label in sorted(stats.items()):
             lines.append(f"Blockmerge-Statistics: model {index} {kind} {label}")
     for kind, label in sorted(provenance.get("base_statistics", {}).items()):
         lines.append(f"Blockmerge-Statistics: base {kind} {label}")
-    lines.append(f"Blockmerge-Output-Sha256: {provenance['output_sha256']}")
+    lines.append(f"Blockmerge-Output-Blake3: {provenance['output_blake3']}")
     return "\n".join(lines) + "\n"
 
 

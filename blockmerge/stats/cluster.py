@@ -3,7 +3,7 @@
 A task loads the model and its examples from paths every worker sees, computes the sums of its shard
 (not the means) and the token counts, and writes the sums as a partial statistics store in the output's
 work directory; it returns only counts, checksums and figures. The client then reduces tensor by tensor:
-it reads each shard's sum (checking it against its worker's sha256), adds them in shard order, divides by
+it reads each shard's sum (checking it against its worker's digest), adds them in shard order, divides by
 the total count exactly as a local run does (:func:`blockmerge.stats.fisher.mean`) and writes the result
 into the output. The partial stores go with the work directory once the output is in place (or abandoned).
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import time
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..engine import memory
 from ..engine.cluster import connect, disconnect, task_result
+from ..engine.digest import hexdigest
 from ..engine.store import StoreReader
 from ..engine.tensors import tensor_bytes
 from ..errors import BlockmergeError
@@ -151,7 +151,7 @@ def _reduce(writer: StatisticsWriter, tasks: list[_Shard], results: list[dict[st
                 readers[task.out, kind] = StoreReader(task.out, kind)
             reader = readers[task.out, kind]
             part = reader.read(name, 0, reader.entries[name].spec.rows)
-            if hashlib.sha256(tensor_bytes(part)).hexdigest() != result["checksums"][(kind, name)]:
+            if hexdigest(tensor_bytes(part)) != result["checksums"][(kind, name)]:
                 raise BlockmergeError(f"{kind!r} statistic as stored differs from what the worker wrote (is the "
                                       "output on storage every worker sees?)", path=task.out, param=name)
             total = part if total is None else total.add_(part)

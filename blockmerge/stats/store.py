@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..engine import faults
+from ..engine.digest import hexdigest
 from ..engine.kinds import STATISTIC_KINDS
 from ..engine.output import Output
 from ..engine.store import StoreWriter
@@ -59,7 +60,7 @@ class StatisticsWriter:
             raise BlockmergeError(f"{kind!r} statistic contains NaN or Inf", param=name)
         self.writer.add(kind, name, TensorSpec(tuple(tensor.shape), "float32"))
         self.writer.write(kind, name, 0, tensor)
-        self.checksums[(kind, name)] = hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+        self.checksums[(kind, name)] = hexdigest(tensor_bytes(tensor))
         faults.point("block")
 
     def close(self, metadata: dict[str, Any]) -> Path:
