@@ -228,11 +228,18 @@ def test_regmean_alpha_zero_weights_each_input_feature_by_its_gram_diagonal():
         np.testing.assert_allclose(np_(out[n]), ref, rtol=1e-5, atol=1e-6, err_msg=n)
 
 
+@pytest.mark.parametrize("residue", [0.0, 1e-31])
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
-def test_regmean_dead_input_feature_gives_a_zero_column(alpha):
+def test_regmean_dead_input_feature_gives_a_zero_column(alpha, residue):
+    """`residue`: what float rounding leaves beside a 0 diagonal entry of a dead feature's Gram row."""
     base, models = make_family(2, seed=12, std=0.5)
     dead = (3, 7)
     grams = linear_grams(models, seed=13, dead=dead)
+    for g in grams:
+        for n in LINEARS:
+            for d in dead:
+                g[n][d, :] = g[n][:, d] = residue
+                g[n][d, d] = 0.0
     out = blockmerge.merge("regmean", models, stats=[{"gram_in": g} for g in grams], alpha=alpha)
     for n in LINEARS:
         cols = models[0][n].shape[1]

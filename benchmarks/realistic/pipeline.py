@@ -5,7 +5,8 @@ was made with (its key) and its result; a stage whose record matches is not run 
 the stages they read, so changing e.g. the fine-tuning steps redoes the models, their statistics and merges.
 
 Only the encoders (``bert.*``) are merged: each task keeps its own head (``classifier.*``, ``[k, 384]``), read
-at evaluation from the fine-tuned directory.
+at evaluation from the fine-tuned directory. With ``lora_rank`` > 0 the fine-tunes are LoRA adapters, and the
+merges read each task's adapter directory over the base encoder (``adapters/<task>``), not a full encoder.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class Settings:
     steps: int = 100
     batch_size: int = 16
     lr: float = 1e-4
+    lora_rank: int = 0  # > 0: fine-tune LoRA adapters of this rank (and the head), and merge the adapters
+    lora_alpha: int = 16
     stat_examples: int = 128
     fisher_batch_size: int = 4
     gram_batch_size: int = 16
@@ -128,8 +131,9 @@ def data_key(settings: Settings, seed: int) -> dict:
 
 
 def model_key(settings: Settings, seed: int, task: str) -> dict:
+    lora = {"lora_rank": settings.lora_rank, "lora_alpha": settings.lora_alpha} if settings.lora_rank else {}
     return {"data": data_key(settings, seed), "task": task, "steps": settings.steps,
-            "batch_size": settings.batch_size, "lr": settings.lr}
+            "batch_size": settings.batch_size, "lr": settings.lr, **lora}
 
 
 def stats_key(settings: Settings, seed: int, task: str, statistic: str) -> dict:
@@ -192,7 +196,7 @@ def finetune_model(work: Path, settings: Settings, seed: int, task: str) -> dict
         manifest = read_manifest(root / "data")
         result = finetune_task(task, manifest["tasks"][task], root / "data", root / "models", base=base_model_dir(),
                                steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
-                               max_length=None)
+                               max_length=None, lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha)
         with safe_open(root / "models" / task / "model.safetensors", "pt") as f:
             encoder = {name: f.get_tensor(name) for name in f.keys() if name.startswith(BODY)}
         with safe_open(base_encoder(work), "pt") as f:
@@ -201,9 +205,21 @@ def finetune_model(work: Path, settings: Settings, seed: int, task: str) -> dict
             raise BlockmergeError(f"encoder names differ from the base's, e.g. {differ[:3]}", path=root / "models")
         (root / "encoders").mkdir(exist_ok=True)
         _save_atomic(encoder, root / "encoders" / f"{task}.safetensors")
+        if settings.lora_rank:
+            adapter = merge_inputs(root, settings)[settings.tasks.index(task)]
+            Path(adapter).parent.mkdir(exist_ok=True)
+            shutil.rmtree(adapter, ignore_errors=True)
+            os.replace(root / "models" / f"{task}.adapter", adapter)
         return result
 
     return cached(root / "models" / f"{task}.json", model_key(settings, seed, task), produce)
+
+
+def merge_inputs(root: Path, settings: Settings) -> list[str]:
+    """What the merges read per task: its encoder, or its encoder's LoRA adapter (over the base encoder)."""
+    if settings.lora_rank:
+        return [str(root / "adapters" / task) for task in settings.tasks]
+    return [str(root / "encoders" / f"{task}.safetensors") for task in settings.tasks]
 
 
 def statistic(work: Path, settings: Settings, seed: int, task: str, kind: str) -> dict:
@@ -248,7 +264,7 @@ def merge_method(work: Path, settings: Settings, seed: int, name: str) -> dict:
     score it on test."""
     root = seed_dir(work, seed)
     method = settings.methods()[name]
-    models = [str(root / "encoders" / f"{task}.safetensors") for task in settings.tasks]
+    models = merge_inputs(root, settings)
     stats = [str(root / "stats" / f"{task}.{method.stats}") for task in settings.tasks] if method.stats else None
     options = {"base": str(base_encoder(work)), "stats": stats,
                "base_stats": str(zero_base_fisher(work)) if method.zero_base_fisher else None}
@@ -307,7 +323,7 @@ def chosen_merge(work: Path, settings: Settings, seed: int, name: str) -> dict:
     key = {"merge": benchmark_key, "hyperparameters": values}
 
     def produce() -> dict:
-        models = [str(root / "encoders" / f"{task}.safetensors") for task in settings.tasks]
+        models = merge_inputs(root, settings)
         stats = [str(root / "stats" / f"{task}.{method.stats}") for task in settings.tasks] if method.stats else None
         blockmerge.merge(name, models, base=str(base_encoder(work)), stats=stats,
                          base_stats=str(zero_base_fisher(work)) if method.zero_base_fisher else None, out=out,

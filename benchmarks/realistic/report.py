@@ -29,6 +29,10 @@ NOTES = [
     "RegMean: Linear weights from the input Grams, every other tensor averaged.",
 ]
 
+LORA_NOTE = ("LoRA: each method merges the four tasks' adapters, each read over the base encoder as W + s·B·A row "
+             "block by row block (no full encoder is written); the individual models' row is the adapters merged "
+             "into the encoder, and statistics are computed on that model.")
+
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -111,16 +115,20 @@ def candidates_table(table: list[dict]) -> str:
 
 def markdown(raw: dict, table: list[dict], command: str) -> str:
     settings, timing, machine = raw["settings"], raw["timing"], raw["machine"]
+    lora = settings.get("lora_rank", 0)
+    tuned = (f"LoRA adapters of rank {lora} (alpha {settings['lora_alpha']}) on the encoder's attention and MLP "
+             "Linear layers, and the head, fine-tuned" if lora else "fine-tuning")
     sizes = (f"{len(settings['tasks'])} tasks, {settings['train']} train / {settings['validation']} validation / "
              f"{settings['test']} test examples per task (fewer where a class runs out), {settings['max_length']} "
-             f"tokens; fine-tuning {settings['steps']} steps of {settings['batch_size']} (lr {settings['lr']:g}); "
+             f"tokens; {tuned} {settings['steps']} steps of {settings['batch_size']} (lr {settings['lr']:g}); "
              f"statistics over {settings['stat_examples']} training examples per task; MaTS "
              f"{_listed(settings.get('mats_objective', ['blockwise_fisher']))} objective, "
              f"{_listed(settings['mats_iterations'])} CG iterations from "
              f"{_listed(settings.get('mats_start', ['task_arithmetic']))}")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timing["stages_wall_seconds"].items())
     out = [
-        "# Realistic merging benchmark (MiniLM, four text-classification tasks)", "",
+        "# Realistic merging benchmark (MiniLM, four text-classification tasks"
+        + (", LoRA fine-tunes merged as adapters)" if lora else ")"), "",
         f"Command: `{command}`", "",
         f"Seeds {', '.join(map(str, raw['seeds']))}; {sizes}.", "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, torch {machine['torch']}, "
@@ -132,7 +140,7 @@ def markdown(raw: dict, table: list[dict], command: str) -> str:
                                                   "reused from an earlier run, their time is not included."
                                                   if timing.get("reused") else "."),
         "", markdown_table(table, settings["tasks"]), "",
-        *(f"- {note}" for note in NOTES), "",
+        *(f"- {note}" for note in NOTES), *([f"- {LORA_NOTE}"] if lora else []), "",
         "Sweeps (validation):", "", candidates_table(table), "",
     ]
     return "\n".join(out)

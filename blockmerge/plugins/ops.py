@@ -71,27 +71,33 @@ def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
-    """The inverse; for a singular matrix, the inverse of the sub-matrix of indices whose row sum is not 0,
-    written into a copy of the matrix (docs/methods.md §6.1). Raises ValueError if that is singular too.
-    The same bits on any number of threads."""
+    """The inverse of a sum of Grams; for a singular one (a 0 on its diagonal, or no finite inverse), the inverse
+    of the sub-matrix of indices whose row sum and diagonal entry are not 0, written into a copy of the matrix
+    (docs/methods.md §6.1). Raises ValueError if that is singular too. The same bits on any number of threads."""
     with thread_count_independent():
         return _inverse_with_fallback(matrix)
 
 
 def _inverse_with_fallback(matrix: torch.Tensor) -> torch.Tensor:
-    inverse, info = torch.linalg.inv_ex(matrix)
-    if int(info) == 0:
-        return inverse
-    keep = matrix.sum(dim=1) != 0
-    if not torch.equal(keep, matrix.sum(dim=0) != 0):
+    # A Gram's row and column vanish with its diagonal entry: rounding can leave tiny entries beside a 0 there,
+    # which would make the matrix look invertible.
+    diagonal = matrix.diagonal() != 0
+    if bool(diagonal.all()):
+        inverse, info = torch.linalg.inv_ex(matrix)
+        if int(info) == 0 and bool(torch.isfinite(inverse).all()):
+            return inverse
+    keep = (matrix.sum(dim=1) != 0) & diagonal
+    if not torch.equal(keep, (matrix.sum(dim=0) != 0) & diagonal):
         raise ValueError("the summed Gram matrix is singular and its zero row sums and column sums differ")
     index = keep.nonzero().flatten()
     sub_inverse, info = torch.linalg.inv_ex(matrix[index][:, index])
     if int(info) != 0:
         raise ValueError(f"the summed Gram matrix is singular, also without its {int((~keep).sum())} "
-                         "zero-sum rows")
+                         "zero rows")
     out = matrix.clone()
     out[index[:, None], index] = sub_inverse
+    out[~diagonal] = 0
+    out[:, ~diagonal] = 0
     return out
 
 
