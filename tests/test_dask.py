@@ -85,6 +85,48 @@ def test_outputs_are_byte_identical_to_the_local_executor(tmp_path, cluster, inp
     assert remote.blocks > (10 if method == "arcee_fusion" else 15)  # one model's inputs: fewer, larger blocks
 
 
+@pytest.mark.parametrize("method,models,options", [("ties", 3, {"density": 0.3}), ("arcee_fusion", 1, {})])
+def test_the_state_goes_to_the_workers_once_and_combined_passes_send_one_result_per_tensor(
+        tmp_path, cluster, inputs, monkeypatch, method, models, options):
+    """Tasks take the passes' state as a future scattered once per pass (not pickled into each tensor's task: at
+    7B TIES's state is ~45 MB), and a pass with `combine` (arcee_fusion's) returns one fold per tensor's task."""
+    from distributed import Client, Future
+
+    from blockmerge.engine import cluster as dask_executor
+
+    scattered, submitted, pass_results = [], [], []
+    scatter, submit, result = Client.scatter, Client.submit, dask_executor.task_result
+
+    def recording_scatter(self, data, **kwargs):
+        scattered.append(data)
+        return scatter(self, data, **kwargs)
+
+    def recording_submit(self, fn, *args, **kwargs):
+        submitted.append((fn.__name__, args))
+        return submit(self, fn, *args, **kwargs)
+
+    def recording_result(future, *args):
+        value = result(future, *args)
+        if isinstance(value, tuple):  # a pass task's (partials, bytes read, checksums)
+            pass_results.append(value[0])
+        return value
+
+    monkeypatch.setattr(Client, "scatter", recording_scatter)
+    monkeypatch.setattr(Client, "submit", recording_submit)
+    monkeypatch.setattr(dask_executor, "task_result", recording_result)
+    summary = blockmerge.merge(method, models=inputs["models"][:models], base=inputs["base"], out=tmp_path / "o",
+                               block_size=BLOCK, executor="dask", scheduler=cluster[0].scheduler_address, **options)
+    tasks = [(name, args) for name, args in submitted if name in ("_pass_task", "_merge_task")]
+    states = [args[3] if name == "_pass_task" else args[2] for name, args in tasks]
+    assert len(tasks) > 2 * len(scattered) > 0 and summary.blocks > 10
+    assert all(isinstance(state, Future) for state in states)
+    assert len({state.key for state in states}) == len(scattered)
+    if method == "arcee_fusion":
+        assert pass_results and all(len(partials) == 1 for partials in pass_results)
+    else:  # TIES's passes have no combine: a partial per block of the tensor
+        assert max(len(partials) for partials in pass_results) > 1
+
+
 @pytest.mark.parametrize("method,options", [("fisher", {"normalize_fishers": True}), ("regmean", {"alpha": 0.8})])
 def test_methods_with_statistics_are_byte_identical(tmp_path, cluster, inputs, method, options):
     local, remote, a, b = both(tmp_path, cluster, method, "o", models=inputs["models"], stats=inputs["stats"],
