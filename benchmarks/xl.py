@@ -22,7 +22,7 @@ output; for both the block I/O the kernel counted, `ru_inblock` / `ru_oublock`),
 whether the limit killed it (a result, not an error), and time ÷ the disk floor: the run's input files read
 once (cold) + its output's bytes written and fsynced, measured per input set at the start and again at
 the end (the mean is used; at 7B each floor reads 27-40 GB, so the floors alone take several minutes).
-Outputs are deleted after each run. With `--dask`, task_arithmetic and ties run again through
+Outputs are deleted after each run. With `--dask`, task_arithmetic and ties (or those named) run again through
 blockmerge's own `python -m blockmerge merge --method ... --base BASE --model FT1 --model FT2 -o OUT` (TIES
 with mergekit's settings, `DASK_MERGES`: `merge -c` of a mergekit YAML merges locally whatever `--executor`
 says), locally and with `--executor dask` on a scheduler and 2 single-threaded worker processes (`dask
@@ -1189,8 +1189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "where usable")
     parser.add_argument("--warm", action="store_true", help="pre-read the inputs before each run instead of "
                         "dropping their page cache (the warm-cache ratios)")
-    parser.add_argument("--dask", action="store_true", help=f"also {', '.join(DASK_MERGES)} through `blockmerge "
-                        f"merge`, locally and on Dask ({DASK_WORKERS} local workers); outputs compared")
+    parser.add_argument("--dask", nargs="*", choices=list(DASK_MERGES), metavar="METHOD",
+                        help=f"also these ({', '.join(DASK_MERGES)} if none are named) through `blockmerge merge`, "
+                        f"locally and on Dask ({DASK_WORKERS} local workers); outputs compared")
     parser.add_argument("--run-timeout", type=float, default=6 * 3600,
                         help="seconds after which a merge is stopped and recorded as timed out (default 6 h; 0: none)")
     parser.add_argument("--keep", action="store_true", help="keep the generated family for a later run")
@@ -1270,7 +1271,7 @@ def main(argv: list[str] | None = None) -> None:
         outs.mkdir(parents=True, exist_ok=True)
         out_bytes = family["model_bytes"]
         configs = {m: write_config(m, dirs, outs / f"{m}.yaml") for m in MERGES}
-        dask_methods = list(DASK_MERGES) if args.dask else []
+        dask_methods = [] if args.dask is None else (args.dask or list(DASK_MERGES))
         inputs = {m: [p for role in roles(MERGES[m]) for p in weight_files(dirs[role])]
                   for m in dict.fromkeys([*args.methods, *dask_methods])}  # the Dask merges read what these read
         sets = {inputs_key(files): files for files in inputs.values()}
