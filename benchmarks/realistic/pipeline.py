@@ -81,7 +81,7 @@ class Settings:
     mats_objective: tuple[str, ...] = ("blockwise_fisher", "regmean")
     ubgm_scaling: tuple[float, ...] = (0.25, 0.5)
     ubgm_delta0: tuple[float, ...] = (1e-12, 1e-5)
-    subspace_scaling: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    subspace_scaling: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)  # the papers sweep up to 3.0
 
     def methods(self) -> dict[str, Method]:
         """Every method of docs/methods.md §16 with the grid of its main hyperparameter(s)."""
