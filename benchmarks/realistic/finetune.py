@@ -18,6 +18,7 @@ Batches come from ``blockmerge.stats.data`` reading the task files, as statistic
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -115,7 +116,7 @@ def _save_encoder_adapter(model: torch.nn.Module, folder: Path) -> None:
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = model.peft_config["default"]
+    config = copy.copy(model.peft_config["default"])  # the model's own config still saves the head
     config.modules_to_save = None
     config.save_pretrained(tmp)
     factors = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items() if ".lora_" in k}

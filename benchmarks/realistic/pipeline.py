@@ -206,8 +206,8 @@ def finetune_model(work: Path, settings: Settings, seed: int, task: str) -> dict
         (root / "encoders").mkdir(exist_ok=True)
         _save_atomic(encoder, root / "encoders" / f"{task}.safetensors")
         if settings.lora_rank:
-            adapter = merge_inputs(root, settings)[settings.tasks.index(task)]
-            Path(adapter).parent.mkdir(exist_ok=True)
+            adapter = adapter_dir(root, task)
+            adapter.parent.mkdir(exist_ok=True)
             shutil.rmtree(adapter, ignore_errors=True)
             os.replace(root / "models" / f"{task}.adapter", adapter)
         return result
@@ -215,10 +215,15 @@ def finetune_model(work: Path, settings: Settings, seed: int, task: str) -> dict
     return cached(root / "models" / f"{task}.json", model_key(settings, seed, task), produce)
 
 
+def adapter_dir(root: Path, task: str) -> Path:
+    """The LoRA adapter of ``task``'s encoder (with ``lora_rank`` > 0)."""
+    return root / "adapters" / task
+
+
 def merge_inputs(root: Path, settings: Settings) -> list[str]:
     """What the merges read per task: its encoder, or its encoder's LoRA adapter (over the base encoder)."""
     if settings.lora_rank:
-        return [str(root / "adapters" / task) for task in settings.tasks]
+        return [str(adapter_dir(root, task)) for task in settings.tasks]
     return [str(root / "encoders" / f"{task}.safetensors") for task in settings.tasks]
 
 
