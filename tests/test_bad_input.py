@@ -653,6 +653,16 @@ def test_store_with_corrupt_manifest_json(env):
     env.refused(["export", store, env.outdir / "x.safetensors"], store.name, out=env.outdir / "x.safetensors")
 
 
+def test_store_manifest_recording_two_digests_for_one_tensor(env):
+    """A tensor's checksum is one digest (blake3, or sha256 in older stores): an entry with both is corrupt."""
+    store = make_store(env)
+    manifest = json.loads(manifest_path(store).read_text())
+    entry = next(e for e in manifest["tensors"] if e["name"] == "w")
+    entry["sha256"] = entry["blake3"]
+    manifest_path(store).write_text(json.dumps(manifest))
+    env.refused_merge(store, store.name)
+
+
 @pytest.mark.parametrize("path", ["../../x", "arrays/../../x", "arrays/000000/../../../x", "ABSOLUTE"])
 def test_store_manifest_path_escaping_the_store(env, path):
     store = make_store(env)
